@@ -1,0 +1,120 @@
+"""Model checkpoints: Orbax behind one small module.
+
+A checkpoint directory holds
+
+    config.yaml   the resolved run configuration (model, training, data), validated again on load
+    meta.json     format version, training step, library version
+    state/        Orbax PyTree checkpoint of {"params": ..., "buffers": ...} as plain nested dicts
+
+It is written into a temporary sibling directory and renamed into place only when complete, so a failure or
+an interrupted save never leaves a half-written checkpoint under the final name. Restoring goes against an
+abstract tree built from the config, so shapes and dtypes are checked, not trusted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from . import __version__
+from .config import RunConfig
+from .errors import CheckpointError
+from .models.resnet_bk import ResNetBK
+
+FORMAT_VERSION = 1
+CONFIG_FILE = "config.yaml"
+META_FILE = "meta.json"
+STATE_DIR = "state"
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_checkpoint(directory: str | os.PathLike, config: RunConfig, params: nnx.State, buffers: nnx.State, *,
+                    step: int = 0, extra_meta: dict[str, Any] | None = None, overwrite: bool = False) -> Path:
+    """Saves parameters and buffers with their config. Atomic: the directory appears complete or not at all."""
+    final = Path(directory).absolute()
+    if final.exists() and not overwrite:
+        raise CheckpointError(f"checkpoint directory {final} already exists (pass overwrite=True to replace it)")
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.partial-"))
+    except OSError as err:
+        raise CheckpointError(f"cannot write a checkpoint under {final.parent}: {err}") from err
+    try:
+        tree = {"params": nnx.to_pure_dict(params), "buffers": nnx.to_pure_dict(buffers)}
+        checkpointer = ocp.StandardCheckpointer()
+        checkpointer.save(staging / STATE_DIR, tree)
+        checkpointer.wait_until_finished()
+        (staging / CONFIG_FILE).write_text(config.to_yaml(), encoding="utf-8")
+        meta = {"format_version": FORMAT_VERSION, "step": int(step), "phase1_jax_version": __version__}
+        meta.update(extra_meta or {})
+        (staging / META_FILE).write_text(json.dumps(meta, indent=2), encoding="utf-8")
+        if final.exists():
+            trash = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.old-"))
+            os.replace(final, trash / "old")
+            os.replace(staging, final)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(staging, final)
+    except BaseException as err:
+        shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(err, (OSError, ValueError)):
+            raise CheckpointError(f"failed to save checkpoint to {final}: {err}") from err
+        raise
+    return final
+
+
+def resolve_checkpoint_dir(path: str | os.PathLike) -> Path:
+    """Accepts a checkpoint directory or a run directory holding `checkpoint/`."""
+    path = Path(path)
+    for candidate in (path, path / "checkpoint"):
+        if (candidate / STATE_DIR).is_dir() and (candidate / CONFIG_FILE).is_file():
+            return candidate
+    raise CheckpointError(f"{path} is neither a checkpoint directory (with {CONFIG_FILE} and {STATE_DIR}/) "
+                          f"nor a run directory containing checkpoint/")
+
+
+def read_meta(path: str | os.PathLike) -> dict[str, Any]:
+    ckpt = resolve_checkpoint_dir(path)
+    meta_path = ckpt / META_FILE
+    return json.loads(meta_path.read_text(encoding="utf-8")) if meta_path.exists() else {}
+
+
+def load_checkpoint(path: str | os.PathLike) -> tuple[RunConfig, ResNetBK]:
+    """Returns (config, model) with the restored parameters and buffers."""
+    ckpt = resolve_checkpoint_dir(path)
+    config = RunConfig.from_yaml((ckpt / CONFIG_FILE).read_text(encoding="utf-8"))
+    meta = read_meta(ckpt)
+    if meta.get("format_version", FORMAT_VERSION) > FORMAT_VERSION:
+        raise CheckpointError(f"{ckpt} has format version {meta['format_version']}; this phase1-jax reads "
+                              f"up to {FORMAT_VERSION}")
+    abstract_model = nnx.eval_shape(lambda: ResNetBK(config.model, rngs=nnx.Rngs(0)))
+    from .train import split_model  # local import: train imports this module's siblings
+
+    graphdef, params, buffers = split_model(abstract_model)
+    target = {"params": nnx.to_pure_dict(params), "buffers": nnx.to_pure_dict(buffers)}
+    abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, target)
+    try:
+        restored = ocp.StandardCheckpointer().restore(ckpt / STATE_DIR, abstract)
+    except Exception as err:  # Orbax raises several types for mismatched trees
+        raise CheckpointError(f"checkpoint {ckpt} does not match its config.yaml: {err}") from err
+    nnx.replace_by_pure_dict(params, restored["params"])
+    nnx.replace_by_pure_dict(buffers, restored["buffers"])
+    return config, nnx.merge(graphdef, params, buffers)

@@ -1,0 +1,130 @@
+"""The `phase1-jax` command line.
+
+    phase1-jax train [--preset NAME | --config FILE.yaml] [--steps N] [--out DIR] [--set key=value ...]
+    phase1-jax logits RUN_OR_CKPT_DIR --ids IDS.npy --out OUT.npy
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from .errors import CheckpointError, InputValidationError, InvalidConfigError
+
+
+def _parse_overrides(pairs: list[str]) -> dict:
+    overrides = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise InvalidConfigError("--set", pair, "expected key=value, e.g. training.learning_rate=1e-3")
+        key, raw = pair.split("=", 1)
+        overrides[key.strip()] = yaml.safe_load(raw)
+    return overrides
+
+
+class _ProgressBar:
+    """A one-line progress bar on stderr (no dependency; plain lines when stderr is not a terminal)."""
+
+    def __init__(self, total: int, width: int = 30):
+        self.total, self.width, self.start = total, width, time.perf_counter()
+        self.tty = sys.stderr.isatty()
+
+    def __call__(self, step: int, record: dict) -> None:
+        frac = step / self.total
+        bar = "#" * int(frac * self.width) + "-" * (self.width - int(frac * self.width))
+        parts = [f"[{bar}] {step}/{self.total}", f"loss {record['loss']:.4f}"]
+        if "val_loss" in record:
+            parts.append(f"val {record['val_loss']:.4f}")
+        parts += [f"{record['tokens_per_sec']:.0f} tok/s", f"{time.perf_counter() - self.start:.0f}s"]
+        line = "  ".join(parts)
+        if self.tty:
+            sys.stderr.write("\r" + line + ("\n" if step == self.total else ""))
+        else:
+            sys.stderr.write(line + "\n")
+        sys.stderr.flush()
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .config import load_run_config
+    from .presets import run_preset
+    from .run import run_training
+
+    if args.config and args.preset:
+        raise InvalidConfigError("--preset", args.preset, "give either --config or --preset, not both")
+    config = load_run_config(args.config) if args.config else run_preset(args.preset or "default")
+    overrides = _parse_overrides(args.set or [])
+    if args.steps is not None:
+        overrides["training.steps"] = args.steps
+    if overrides:
+        config = config.with_overrides(overrides)
+    out = Path(args.out or Path("runs") / _dt.datetime.now().strftime("%Y%m%d-%H%M%S"))
+    print(f"phase1-jax train: {'Phase 1' if config.model.is_phase1 else 'baseline'} model, "
+          f"numerics={config.model.numerics}, {config.training.steps} steps -> {out}", file=sys.stderr)
+    summary = run_training(config, out, progress=_ProgressBar(config.training.steps))
+    print(f"final validation loss {summary['final_val_loss']:.4f} nats "
+          f"(corpus unigram entropy {summary['unigram_entropy_nats']:.4f}); checkpoint: {out / 'checkpoint'}")
+    return 0
+
+
+def cmd_logits(args: argparse.Namespace) -> int:
+    import jax
+    import numpy as np
+
+    from .checkpoint import load_checkpoint
+    from .data import validate_token_range
+
+    config, model = load_checkpoint(args.checkpoint)
+    try:
+        ids = np.load(args.ids, allow_pickle=False)
+    except (OSError, ValueError) as err:
+        raise InputValidationError(f"cannot read token ids from {args.ids}: {err}") from err
+    if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
+        raise InputValidationError(f"{args.ids}: expected integer ids of shape (B, N); got {ids.dtype} "
+                                   f"{ids.shape}")
+    validate_token_range(ids, config.model.vocab_size, where=str(args.ids))
+    model.check_input_shape(ids)
+    with jax.default_matmul_precision("highest"):
+        logits = jax.jit(lambda m, x: m(x))(model, jax.numpy.asarray(ids, jax.numpy.int32))
+    np.save(args.out, np.asarray(logits, np.float32))
+    print(f"wrote logits {tuple(logits.shape)} to {args.out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="phase1-jax", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="train a model (default: the main job on the embedded corpus)")
+    train.add_argument("--config", help="run configuration YAML (model/training/data sections)")
+    train.add_argument("--preset", help="built-in run preset: default, default-baseline, tiny, tiny-phase1")
+    train.add_argument("--steps", type=int, help="override training.steps")
+    train.add_argument("--out", help="run directory (default: runs/<timestamp>)")
+    train.add_argument("--set", action="append", metavar="KEY=VALUE",
+                       help="override any field, e.g. --set model.d_model=128 (repeatable)")
+    train.set_defaults(func=cmd_train)
+
+    logits = sub.add_parser("logits", help="evaluate a checkpoint on token ids")
+    logits.add_argument("checkpoint", help="run directory or checkpoint directory")
+    logits.add_argument("--ids", required=True, help=".npy file of integer token ids, shape (B, N)")
+    logits.add_argument("--out", required=True, help="output .npy file for the float32 logits (B, N, V)")
+    logits.set_defaults(func=cmd_logits)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (InvalidConfigError, InputValidationError, CheckpointError) as err:
+        print(f"phase1-jax {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

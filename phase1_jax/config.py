@@ -1,0 +1,274 @@
+"""Typed, frozen, validated configuration: model, training, data, and the run that ties them together.
+
+YAML layout (the migration guide's §4.1 shape)::
+
+    model:
+      vocab_size: 256
+      d_model: 64
+      ...
+      numerics: native          # or: reference
+      phase1:                   # absent or null: the ResNet-BK baseline
+        htt_rank: 16
+        ...
+    training:
+      batch_size: 16
+      ...
+    data:
+      source: embedded
+
+Every field is checked when the object is built; an error names the field, the value and what is allowed
+(`InvalidConfigError`). Unknown keys are rejected, never ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from typing import Any, Mapping
+
+import yaml
+
+from .errors import InvalidConfigError
+from .phase1_config import Phase1Config
+
+NUMERICS = ("reference", "native")
+BK_DIRECTIONS = ("causal", "bidirectional")
+COMPUTE_DTYPES = ("float32", "bfloat16")
+PARAM_DTYPES = ("float32", "bfloat16")
+DATA_SOURCES = ("embedded", "text", "tokens")
+TOKEN_DTYPES = ("uint16", "uint32")
+
+
+def _require(ok: bool, field: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise InvalidConfigError(field, value, f"allowed: {allowed}")
+
+
+def _check_types(obj: Any, prefix: str) -> None:
+    """Checks each field against its annotation (int, float, bool, str, Optional[...]); no silent coercion."""
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        expected = hints[f.name]
+        optional = False
+        if isinstance(expected, types.UnionType) or typing.get_origin(expected) is typing.Union:
+            args = [a for a in typing.get_args(expected) if a is not type(None)]
+            optional = len(args) < len(typing.get_args(expected))
+            expected = args[0] if len(args) == 1 else expected
+        name = f"{prefix}{f.name}"
+        if value is None:
+            _require(optional, name, value, f"a value of type {getattr(expected, '__name__', expected)}")
+        elif expected is bool:
+            _require(isinstance(value, bool), name, value, "true or false")
+        elif expected is int:
+            _require(isinstance(value, int) and not isinstance(value, bool), name, value, "an integer")
+        elif expected is float:
+            # Integers are fine where a float is expected (YAML writes 1e-3 as a float but 1 as an int).
+            if isinstance(value, int) and not isinstance(value, bool):
+                object.__setattr__(obj, f.name, float(value))
+            else:
+                _require(isinstance(value, float), name, value, "a number")
+        elif expected is str:
+            _require(isinstance(value, str), name, value, "a string")
+
+
+def _from_mapping(cls, data: Mapping[str, Any] | None, section: str):
+    data = dict(data or {})
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise InvalidConfigError(f"{section}.{unknown[0]}", data[unknown[0]],
+                                 f"unknown key(s) {unknown}; allowed keys: {sorted(names)}")
+    return cls(**data)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """The ResNet-BK language model (and, with `phase1`, its Phase 1 variant).
+
+    numerics:
+      * "reference": reproduces the PyTorch reference exactly (non-causal BK-Core with its overflow cliff and
+        heuristic gradient, the inert scattering term); input length must equal n_seq.
+      * "native": causal BK-Core (or bidirectional, see bk_direction), exact gradients, stable at any length,
+        any input length 1..n_seq.
+    """
+
+    vocab_size: int = 256
+    d_model: int = 64
+    n_layers: int = 4
+    n_seq: int = 128
+    num_experts: int = 4
+    top_k: int = 1
+    dropout: float = 0.1
+    prime_bump_init: bool = False
+    prime_bump_scale: float = 0.02
+    scattering_scale: float = 0.1
+    scattering_scale_warmup_steps: int = 0
+    numerics: str = "native"
+    bk_direction: str = "causal"
+    param_dtype: str = "float32"
+    phase1: Phase1Config | None = None
+
+    def __post_init__(self):
+        if isinstance(self.phase1, Mapping):
+            object.__setattr__(self, "phase1", Phase1Config.from_dict(dict(self.phase1)))
+        _check_types(self, "model.")
+        for name in ("vocab_size", "d_model", "n_layers", "n_seq", "num_experts", "top_k"):
+            _require(getattr(self, name) >= 1, f"model.{name}", getattr(self, name), "an integer >= 1")
+        _require(0.0 <= self.dropout < 1.0, "model.dropout", self.dropout, "0 <= dropout < 1")
+        _require(self.prime_bump_scale >= 0, "model.prime_bump_scale", self.prime_bump_scale, ">= 0")
+        _require(self.scattering_scale >= 0, "model.scattering_scale", self.scattering_scale, ">= 0")
+        _require(self.scattering_scale_warmup_steps >= 0, "model.scattering_scale_warmup_steps",
+                 self.scattering_scale_warmup_steps, ">= 0")
+        _require(self.numerics in NUMERICS, "model.numerics", self.numerics, " | ".join(NUMERICS))
+        _require(self.bk_direction in BK_DIRECTIONS, "model.bk_direction", self.bk_direction,
+                 " | ".join(BK_DIRECTIONS))
+        _require(not (self.numerics == "reference" and self.bk_direction != "causal"), "model.bk_direction",
+                 self.bk_direction, "'causal' (the default) with numerics: reference, whose BK-Core is the "
+                 "reference's own full-matrix resolvent; choose numerics: native for the bidirectional variant")
+        _require(self.param_dtype in PARAM_DTYPES, "model.param_dtype", self.param_dtype, " | ".join(PARAM_DTYPES))
+        _require(self.phase1 is None or isinstance(self.phase1, Phase1Config), "model.phase1", self.phase1,
+                 "a phase1 block (mapping) or null")
+
+    @property
+    def is_phase1(self) -> bool:
+        return self.phase1 is not None
+
+    def replace(self, **changes) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        out["phase1"] = None if self.phase1 is None else self.phase1.to_dict()
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | None) -> "ModelConfig":
+        return _from_mapping(cls, data, "model")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation: AdamW with linear warmup and cosine decay, global-norm clipping."""
+
+    batch_size: int = 16
+    steps: int = 300
+    learning_rate: float = 3e-3
+    warmup_steps: int = 30
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.01
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip_norm: float = 1.0
+    compute_dtype: str = "float32"
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = 100
+    eval_batches: int = 8
+
+    def __post_init__(self):
+        _check_types(self, "training.")
+        for name in ("batch_size", "steps", "log_every", "eval_every", "eval_batches"):
+            _require(getattr(self, name) >= 1, f"training.{name}", getattr(self, name), "an integer >= 1")
+        _require(self.learning_rate > 0, "training.learning_rate", self.learning_rate, "> 0")
+        _require(0 <= self.warmup_steps, "training.warmup_steps", self.warmup_steps, ">= 0")
+        _require(0.0 <= self.min_lr_ratio <= 1.0, "training.min_lr_ratio", self.min_lr_ratio, "0 <= x <= 1")
+        _require(self.weight_decay >= 0, "training.weight_decay", self.weight_decay, ">= 0")
+        _require(0 <= self.beta1 < 1, "training.beta1", self.beta1, "0 <= beta1 < 1")
+        _require(0 <= self.beta2 < 1, "training.beta2", self.beta2, "0 <= beta2 < 1")
+        _require(self.grad_clip_norm > 0, "training.grad_clip_norm", self.grad_clip_norm, "> 0")
+        _require(self.compute_dtype in COMPUTE_DTYPES, "training.compute_dtype", self.compute_dtype,
+                 " | ".join(COMPUTE_DTYPES))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | None) -> "TrainConfig":
+        return _from_mapping(cls, data, "training")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Where tokens come from. "embedded" is CPython's pydoc topics, byte-tokenised: present everywhere."""
+
+    source: str = "embedded"
+    path: str | None = None
+    token_dtype: str | None = None
+    val_fraction: float = 0.05
+
+    def __post_init__(self):
+        _check_types(self, "data.")
+        _require(self.source in DATA_SOURCES, "data.source", self.source, " | ".join(DATA_SOURCES))
+        _require(self.source == "embedded" or self.path is not None, "data.path", self.path,
+                 f"a file path when data.source is '{self.source}'")
+        _require(self.token_dtype is None or self.token_dtype in TOKEN_DTYPES, "data.token_dtype",
+                 self.token_dtype, " | ".join(TOKEN_DTYPES) + " (or null)")
+        _require(0.0 < self.val_fraction < 0.5, "data.val_fraction", self.val_fraction, "0 < x < 0.5")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | None) -> "DataConfig":
+        return _from_mapping(cls, data, "data")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    training: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+
+    def __post_init__(self):
+        if self.data.source != "tokens":
+            _require(self.model.vocab_size == 256, "model.vocab_size", self.model.vocab_size,
+                     f"256 (the byte-level tokenizer) when data.source is '{self.data.source}'")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"model": self.model.to_dict(), "training": self.training.to_dict(), "data": self.data.to_dict()}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | None) -> "RunConfig":
+        data = dict(data or {})
+        unknown = sorted(set(data) - {"model", "training", "data"})
+        if unknown:
+            raise InvalidConfigError(unknown[0], data[unknown[0]], "allowed top-level keys: model, training, data")
+        return cls(model=ModelConfig.from_dict(data.get("model")),
+                   training=TrainConfig.from_dict(data.get("training")),
+                   data=DataConfig.from_dict(data.get("data")))
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @classmethod
+    def from_yaml(cls, text: str) -> "RunConfig":
+        return cls.from_dict(yaml.safe_load(text))
+
+    def with_overrides(self, overrides: Mapping[str, Any]) -> "RunConfig":
+        """Applies dotted overrides such as {"training.steps": 10, "model.phase1.htt_rank": 8}."""
+        tree = self.to_dict()
+        for dotted, value in overrides.items():
+            *parents, leaf = dotted.split(".")
+            node = tree
+            for part in parents:
+                if not isinstance(node.get(part), dict):
+                    if part == "phase1" and node.get(part) is None:
+                        node[part] = Phase1Config().to_dict()
+                    else:
+                        raise InvalidConfigError(dotted, value, f"'{part}' is not a section of the config")
+                node = node[part]
+            if leaf not in node:
+                raise InvalidConfigError(dotted, value, f"unknown key; allowed here: {sorted(node)}")
+            node[leaf] = value
+        return RunConfig.from_dict(tree)
+
+
+def load_run_config(path: str) -> RunConfig:
+    with open(path, "r", encoding="utf-8") as fh:
+        text = fh.read()
+    try:
+        return RunConfig.from_yaml(text)
+    except InvalidConfigError as err:
+        raise InvalidConfigError(err.param_name, err.param_value, f"{err.reason} (in {path})") from None

@@ -1,0 +1,208 @@
+"""A pure, jit-compiled training step and the host-side loop around it.
+
+    state = create_train_state(model_config, train_config)
+    step_fn = make_train_step(state.graphdef ...)      # jitted, state donated
+    state, metrics = step_fn(state, batch)
+
+The step is a pure function of (TrainState, Batch): the model is split into a static graph definition and
+array state outside `jit` (`nnx.split`) and merged back inside, so NNX's Python bookkeeping never runs per
+step. Everything host-side (logging, evaluation, the rank curriculum, checkpoints) lives in `train_loop`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, Callable, Iterable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx, struct
+
+from .config import ModelConfig, TrainConfig
+from .data import Batch
+from .models.common import Buffer, RankState
+from .models.resnet_bk import ResNetBK
+
+
+@struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: nnx.State
+    buffers: nnx.State  # Buffer and RankState variables: checkpointed, not optimised
+    opt_state: Any
+    rng: jax.Array
+
+
+def build_model(config: ModelConfig, seed: int = 0) -> ResNetBK:
+    return ResNetBK(config, rngs=nnx.Rngs(params=seed))
+
+
+def split_model(model: ResNetBK) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
+    """(graphdef, params, buffers). Any other variable type would be silently dropped, so refuse it."""
+    graphdef, params, buffers, rest = nnx.split(model, nnx.Param, (Buffer, RankState), ...)
+    leftover = jax.tree_util.tree_leaves(rest)
+    if leftover:
+        raise TypeError(f"model holds variables that are neither Param nor Buffer/RankState: {rest}")
+    return graphdef, params, buffers
+
+
+def learning_rate_schedule(cfg: TrainConfig) -> optax.Schedule:
+    decay_steps = max(cfg.steps, cfg.warmup_steps + 1)
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=cfg.learning_rate, warmup_steps=cfg.warmup_steps,
+        decay_steps=decay_steps, end_value=cfg.learning_rate * cfg.min_lr_ratio)
+
+
+def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
+    # Decay only matrices: biases, LayerNorm scales, bk_scale and 1-D factors are left alone.
+    def decay_mask(params):
+        return jax.tree_util.tree_map(lambda p: p.ndim >= 2, params)
+
+    return optax.chain(
+        optax.clip_by_global_norm(cfg.grad_clip_norm),
+        optax.adamw(learning_rate_schedule(cfg), b1=cfg.beta1, b2=cfg.beta2, weight_decay=cfg.weight_decay,
+                    mask=decay_mask),
+    )
+
+
+def create_train_state(model: ResNetBK, train_cfg: TrainConfig,
+                       optimizer: optax.GradientTransformation | None = None):
+    """Returns (graphdef, TrainState, optimizer)."""
+    optimizer = optimizer or make_optimizer(train_cfg)
+    graphdef, params, buffers = split_model(model)
+    state = TrainState(step=jnp.zeros((), jnp.int32), params=params, buffers=buffers,
+                       opt_state=optimizer.init(params), rng=jax.random.key(train_cfg.seed))
+    return graphdef, state, optimizer
+
+
+def _cast_floating(tree, dtype):
+    return jax.tree_util.tree_map(
+        lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+
+
+def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets).mean()
+
+
+def loss_fn(params: nnx.State, buffers: nnx.State, graphdef: nnx.GraphDef, batch: Batch,
+            dropout_rng: jax.Array | None, compute_dtype=jnp.float32):
+    """Next-token cross-entropy plus every auxiliary loss the modules return. Returns (loss, metrics)."""
+    if compute_dtype != jnp.float32:
+        params = _cast_floating(params, compute_dtype)
+    model = nnx.merge(graphdef, params, buffers)
+    logits, aux = model.forward(batch.inputs, dropout_rng=dropout_rng, compute_dtype=compute_dtype)
+    ce = cross_entropy(logits, batch.targets)
+    loss = ce + aux["aux_loss"]
+    entropies = [b["routing_entropy"] for b in aux["blocks"]]
+    return loss, {"ce_loss": ce, "aux_loss": aux["aux_loss"], "routing_entropy": jnp.mean(jnp.stack(entropies))}
+
+
+def _path_names(path) -> list:
+    return [getattr(entry, "key", getattr(entry, "name", None)) for entry in path]
+
+
+def _map_named_leaves(tree, name: str, fn):
+    """Applies fn to every leaf whose path contains the attribute `name` (leaves are Variable values)."""
+    return jax.tree_util.tree_map_with_path(lambda path, x: fn(x) if name in _path_names(path) else x, tree)
+
+
+def _advance_scattering_counters(buffers: nnx.State, config: ModelConfig) -> nnx.State:
+    """The reference increments every MoE's scattering counter on each forward when the term is active."""
+    if config.numerics != "reference" or config.scattering_scale <= 0:
+        return buffers
+    return _map_named_leaves(buffers, "scattering_step_counter", lambda x: x + 1)
+
+
+def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation, model_cfg: ModelConfig,
+                    train_cfg: TrainConfig, *, jit: bool = True) -> Callable[[TrainState, Batch], tuple]:
+    compute_dtype = jnp.bfloat16 if train_cfg.compute_dtype == "bfloat16" else jnp.float32
+    schedule = learning_rate_schedule(train_cfg)
+
+    def train_step(state: TrainState, batch: Batch):
+        rng, dropout_rng = jax.random.split(state.rng)
+        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+        (loss, metrics), grads = grad_fn(state.params, state.buffers, graphdef, batch, dropout_rng,
+                                         compute_dtype)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        new_state = TrainState(step=state.step + 1, params=params,
+                               buffers=_advance_scattering_counters(state.buffers, model_cfg),
+                               opt_state=opt_state, rng=rng)
+        metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads), learning_rate=schedule(state.step))
+        return new_state, metrics
+
+    return jax.jit(train_step, donate_argnums=0) if jit else train_step
+
+
+def make_eval_step(graphdef: nnx.GraphDef) -> Callable[[nnx.State, nnx.State, Batch], jax.Array]:
+    @jax.jit
+    def eval_step(params, buffers, batch: Batch):
+        model = nnx.merge(graphdef, params, buffers)
+        return cross_entropy(model(batch.inputs), batch.targets)
+
+    return eval_step
+
+
+def evaluate(eval_step, params, buffers, batches: Iterable[Batch]) -> float:
+    losses = [eval_step(params, buffers, b) for b in batches]
+    return float(np.mean(jax.device_get(losses)))
+
+
+def set_ar_ssm_rank(buffers: nnx.State, rank: int) -> nnx.State:
+    """Sets every AR-SSM's traced current_max_rank (a value change: no recompilation)."""
+    return _map_named_leaves(buffers, "current_max_rank", lambda x: jnp.full_like(x, rank))
+
+
+def rank_for_step(step: int, min_rank: int, max_rank: int, warmup_steps: int) -> int:
+    """The reference's rank curriculum: linear from min_rank to max_rank over warmup_steps (then constant)."""
+    frac = min(1.0, step / warmup_steps) if warmup_steps > 0 else 1.0
+    return int(min_rank + frac * (max_rank - min_rank))
+
+
+@dataclasses.dataclass
+class LoopResult:
+    state: TrainState
+    graphdef: nnx.GraphDef
+    history: list[dict[str, float]]
+    final_val_loss: float | None
+
+
+def train_loop(model_cfg: ModelConfig, train_cfg: TrainConfig, batch_at: Callable[[int], Batch],
+               val_batches: list[Batch], *, on_metrics: Callable[[dict[str, float]], None] | None = None,
+               progress: Callable[[int, dict[str, float]], None] | None = None) -> LoopResult:
+    """Trains for train_cfg.steps steps; batch_at(step) gives the batch of a step (resumable order)."""
+    model = build_model(model_cfg, seed=train_cfg.seed)
+    graphdef, state, optimizer = create_train_state(model, train_cfg)
+    del model
+    step_fn = make_train_step(graphdef, optimizer, model_cfg, train_cfg)
+    eval_step = make_eval_step(graphdef)
+    p1 = model_cfg.phase1
+    use_curriculum = p1 is not None and p1.ar_ssm_enabled
+    history: list[dict[str, float]] = []
+    val_loss = None
+    tokens_per_step = train_cfg.batch_size * batch_at(0).inputs.shape[1]
+    last_time, last_step = time.perf_counter(), 0
+    for step in range(train_cfg.steps):
+        if use_curriculum:
+            rank = rank_for_step(step, p1.ar_ssm_min_rank, p1.ar_ssm_max_rank, p1.ar_ssm_rank_warmup_steps)
+            state = state.replace(buffers=set_ar_ssm_rank(state.buffers, rank))
+        state, metrics = step_fn(state, batch_at(step))
+        done = step + 1
+        if done % train_cfg.log_every == 0 or done == train_cfg.steps or done % train_cfg.eval_every == 0:
+            record = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            now = time.perf_counter()
+            record["tokens_per_sec"] = tokens_per_step * (done - last_step) / max(now - last_time, 1e-9)
+            last_time, last_step = now, done
+            record["step"] = done
+            if done % train_cfg.eval_every == 0 or done == train_cfg.steps:
+                val_loss = evaluate(eval_step, state.params, state.buffers, val_batches)
+                record["val_loss"] = val_loss
+            history.append(record)
+            if on_metrics:
+                on_metrics(record)
+            if progress:
+                progress(done, record)
+    return LoopResult(state=state, graphdef=graphdef, history=history, final_val_loss=val_loss)

@@ -1,0 +1,22 @@
+import os
+from pathlib import Path
+
+import jax
+import pytest
+
+# The golden cases live in the workspace's shared/ folder beside the repository (CI lays it out the same way).
+GOLDEN_DIR = Path(os.environ.get("PHASE1_GOLDEN_DIR", Path(__file__).resolve().parents[2] / "shared" / "golden"))
+
+# Float32 matmuls at full precision everywhere (GPUs default to TF32, which would blur parity checks).
+jax.config.update("jax_default_matmul_precision", "highest")
+
+
+def golden_cases(prefix: str) -> list[Path]:
+    return sorted(p for p in GOLDEN_DIR.glob(f"{prefix}*") if (p / "case.json").is_file())
+
+
+@pytest.fixture
+def golden_dir() -> Path:
+    if not GOLDEN_DIR.is_dir():
+        pytest.skip(f"golden cases not found at {GOLDEN_DIR}")
+    return GOLDEN_DIR

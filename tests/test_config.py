@@ -1,0 +1,112 @@
+import dataclasses
+
+import pytest
+
+from phase1_jax.config import ModelConfig, RunConfig, TrainConfig, load_run_config
+from phase1_jax.errors import InvalidConfigError
+from phase1_jax.presets import RUN_PRESETS, run_preset
+
+
+def test_defaults_are_native_baseline():
+    cfg = ModelConfig()
+    assert cfg.numerics == "native" and cfg.phase1 is None and not cfg.is_phase1
+
+
+@pytest.mark.parametrize("field,value,fragment", [
+    ("d_model", 0, ">= 1"),
+    ("numerics", "exact", "reference | native"),
+    ("dropout", 1.0, "0 <= dropout < 1"),
+    ("top_k", True, "integer"),
+    ("n_seq", "128", "integer"),
+    ("bk_direction", "sideways", "causal | bidirectional"),
+])
+def test_model_config_errors_name_field_value_and_allowed(field, value, fragment):
+    with pytest.raises(InvalidConfigError) as info:
+        ModelConfig(**{field: value})
+    err = info.value
+    assert err.param_name == f"model.{field}" and err.param_value == value
+    assert fragment in str(err) and f"model.{field}" in str(err)
+
+
+def test_reference_numerics_rejects_bidirectional():
+    with pytest.raises(InvalidConfigError, match="bk_direction"):
+        ModelConfig(numerics="reference", bk_direction="bidirectional")
+
+
+def test_train_config_validation():
+    with pytest.raises(InvalidConfigError, match="training.compute_dtype"):
+        TrainConfig(compute_dtype="float16")
+    with pytest.raises(InvalidConfigError, match="training.learning_rate"):
+        TrainConfig(learning_rate=0.0)
+    assert TrainConfig(learning_rate=1).learning_rate == 1.0  # an int where a float is expected is fine
+
+
+def test_frozen():
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        ModelConfig().d_model = 3
+
+
+def test_yaml_round_trip_with_phase1_block():
+    cfg = run_preset("tiny-phase1")
+    text = cfg.to_yaml()
+    assert "phase1:" in text and text.index("model:") < text.index("training:")
+    again = RunConfig.from_yaml(text)
+    assert again == cfg and again.model.phase1.htt_rank == cfg.model.phase1.htt_rank
+
+
+def test_unknown_keys_rejected_with_allowed_list():
+    with pytest.raises(InvalidConfigError) as info:
+        RunConfig.from_dict({"model": {"d_modle": 8}})
+    assert "model.d_modle" in str(info.value) and "d_model" in str(info.value)
+    with pytest.raises(InvalidConfigError, match="top-level"):
+        RunConfig.from_dict({"optimizer": {}})
+
+
+def test_overrides_dotted_and_phase1_created_on_demand():
+    cfg = run_preset("tiny").with_overrides({"training.steps": 3, "model.phase1.htt_rank": 4})
+    assert cfg.training.steps == 3 and cfg.model.phase1.htt_rank == 4
+    with pytest.raises(InvalidConfigError, match="unknown key"):
+        run_preset("tiny").with_overrides({"training.stepz": 3})
+
+
+def test_byte_vocab_required_for_text_sources():
+    with pytest.raises(InvalidConfigError, match="model.vocab_size"):
+        RunConfig(model=ModelConfig(vocab_size=1000))
+
+
+def test_load_run_config_names_file(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("model:\n  numerics: fast\n")
+    with pytest.raises(InvalidConfigError) as info:
+        load_run_config(str(path))
+    assert "model.numerics" in str(info.value) and str(path) in str(info.value)
+
+
+@pytest.mark.parametrize("name", sorted(RUN_PRESETS))
+def test_presets_build_fresh_valid_configs(name):
+    first, second = run_preset(name), run_preset(name)
+    assert first == second and first is not second
+
+
+def test_default_preset_is_phase1_and_unknown_preset_lists_names():
+    assert run_preset("default").model.is_phase1
+    assert not run_preset("tiny").model.is_phase1
+    with pytest.raises(InvalidConfigError, match="tiny-phase1"):
+        run_preset("huge")
+
+
+def test_example_configs_in_repo_are_valid():
+    from pathlib import Path
+
+    configs = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
+    assert configs, "configs/ should hold example run configurations"
+    for path in configs:
+        load_run_config(str(path))
+
+
+@pytest.mark.parametrize("name", sorted(RUN_PRESETS))
+def test_preset_yaml_files_match_presets(name):
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "configs" / f"{name}.yaml"
+    assert load_run_config(str(path)) == run_preset(name), f"regenerate {path} from phase1_jax/presets.py"
