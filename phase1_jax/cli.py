@@ -89,7 +89,7 @@ def cmd_logits(args: argparse.Namespace) -> int:
     validate_token_range(ids, config.model.vocab_size, where=str(args.ids))
     model.check_input_shape(ids)
     with jax.default_matmul_precision("highest"):
-        logits = jax.jit(lambda m, x: m(x))(model, jax.numpy.asarray(ids, jax.numpy.int32))
+        logits = jax.jit(lambda m, x: m(x, inference=True))(model, jax.numpy.asarray(ids, jax.numpy.int32))
     np.save(args.out, np.asarray(logits, np.float32))
     print(f"wrote logits {tuple(logits.shape)} to {args.out}")
     return 0

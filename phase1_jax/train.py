@@ -25,6 +25,7 @@ from .config import ModelConfig, TrainConfig
 from .data import Batch
 from .models.common import Buffer, RankState
 from .models.resnet_bk import ResNetBK
+from .phase1 import stability_summary
 
 
 @struct.dataclass
@@ -97,7 +98,12 @@ def loss_fn(params: nnx.State, buffers: nnx.State, graphdef: nnx.GraphDef, batch
     ce = cross_entropy(logits, batch.targets)
     loss = ce + aux["aux_loss"]
     entropies = [b["routing_entropy"] for b in aux["blocks"]]
-    return loss, {"ce_loss": ce, "aux_loss": aux["aux_loss"], "routing_entropy": jnp.mean(jnp.stack(entropies))}
+    metrics = {"ce_loss": ce, "aux_loss": aux["aux_loss"], "routing_entropy": jnp.mean(jnp.stack(entropies))}
+    p1 = model.config.phase1
+    if p1 is not None and p1.stability_monitoring_enabled:
+        # Computed on device from this step's G and v: no host sync (the loop fetches them with the loss).
+        metrics.update(jax.lax.stop_gradient(stability_summary(aux, model.config.bk_direction)))
+    return loss, metrics
 
 
 def _path_names(path) -> list:

@@ -68,13 +68,12 @@ def _frexp_exponent(magnitude):
 
 
 def _normalise(planes, exponent):
-    """Divide all planes by the power of two that brings the largest |component| into [0.5, 1); exact."""
-    largest = jnp.abs(planes[0])
-    for plane in planes[1:]:
-        largest = jnp.maximum(largest, jnp.abs(plane))
-    shift = _frexp_exponent(largest)
-    scale = _power_of_two(-shift)
-    return tuple(plane * scale for plane in planes), exponent + shift
+    """Divide the stacked planes (P, ...) by the power of two that brings the largest |entry| into [0.5, 1).
+
+    Exact (a power-of-two scale), so only the products themselves round; the exponent keeps the true scale.
+    """
+    shift = _frexp_exponent(jnp.max(jnp.abs(planes), axis=0))
+    return planes * _power_of_two(-shift), exponent + shift
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -82,7 +81,7 @@ def _normalise(planes, exponent):
 # ----------------------------------------------------------------------------------------------------------------
 
 def _doubling_scan(combine, elems, *, reverse=False):
-    """Inclusive scan along axis 1 by recursive doubling (Hillis-Steele) inside a fori_loop.
+    """Inclusive scan along the last axis by recursive doubling (Hillis-Steele) inside a fori_loop.
 
     combine(earlier, later) must be associative ("earlier" is the element nearer the start of the scan: position
     t - 2**s, or t + 2**s when reverse). O(N log N) work instead of the O(N) of `lax.associative_scan`, but a single
@@ -90,12 +89,12 @@ def _doubling_scan(combine, elems, *, reverse=False):
     (tens of seconds of CPU compile time at N = 256). Position t only ever reads positions <= t (>= t when reverse),
     so changing a later input cannot change an earlier output, not even in the last bit.
     """
-    n = elems[0].shape[1]
+    n = elems[0].shape[-1]
     positions = jnp.arange(n)
 
     def step(level, current):
         distance = jnp.left_shift(1, level)
-        earlier = tuple(jnp.roll(x, -distance if reverse else distance, axis=1) for x in current)
+        earlier = tuple(jnp.roll(x, -distance if reverse else distance, axis=-1) for x in current)
         has_earlier = positions < n - distance if reverse else positions >= distance
         combined = combine(earlier, current)
         return tuple(jnp.where(has_earlier, new, old) for new, old in zip(combined, current))
@@ -103,18 +102,21 @@ def _doubling_scan(combine, elems, *, reverse=False):
     return lax.fori_loop(0, (n - 1).bit_length(), step, tuple(elems))
 
 
+# Plane order of a 2x2 complex matrix [[m00, m01], [m10, m11]].
+_M00R, _M00I, _M01R, _M01I, _M10R, _M10I, _M11R, _M11I = range(8)
+
+
 def _compose(earlier, later):
-    """later @ earlier for 2x2 complex matrices stored as 8 planes plus a power-of-two exponent, renormalised."""
-    e00r, e00i, e01r, e01i, e10r, e10i, e11r, e11i, e_exp = earlier
-    l00r, l00i, l01r, l01i, l10r, l10i, l11r, l11i, l_exp = later
-    product = (
-        *_cmul_add(l00r, l00i, e00r, e00i, l01r, l01i, e10r, e10i),
-        *_cmul_add(l00r, l00i, e01r, e01i, l01r, l01i, e11r, e11i),
-        *_cmul_add(l10r, l10i, e00r, e00i, l11r, l11i, e10r, e10i),
-        *_cmul_add(l10r, l10i, e01r, e01i, l11r, l11i, e11r, e11i),
-    )
-    planes, exponent = _normalise(product, e_exp + l_exp)
-    return (*planes, exponent)
+    """later @ earlier for 2x2 complex matrices stored as (8 stacked planes, power-of-two exponent), renormalised."""
+    e, e_exp = earlier
+    l, l_exp = later
+    product = jnp.stack([
+        *_cmul_add(l[_M00R], l[_M00I], e[_M00R], e[_M00I], l[_M01R], l[_M01I], e[_M10R], e[_M10I]),
+        *_cmul_add(l[_M00R], l[_M00I], e[_M01R], e[_M01I], l[_M01R], l[_M01I], e[_M11R], e[_M11I]),
+        *_cmul_add(l[_M10R], l[_M10I], e[_M00R], e[_M00I], l[_M11R], l[_M11I], e[_M10R], e[_M10I]),
+        *_cmul_add(l[_M10R], l[_M10I], e[_M01R], e[_M01I], l[_M11R], l[_M11I], e[_M11R], e[_M11I]),
+    ])
+    return _normalise(product, e_exp + l_exp)
 
 
 def _mobius_prefix_scan(d_re, d_im, coupling):
@@ -126,12 +128,11 @@ def _mobius_prefix_scan(d_re, d_im, coupling):
     """
     zero = jnp.zeros_like(d_re)
     one = jnp.ones_like(d_re)
-    leaves = (zero, zero, one, zero, -coupling, zero, d_re, d_im)
+    leaves = jnp.stack([zero, zero, one, zero, -coupling, zero, d_re, d_im])
     # Normalise the leaves too, so that products of huge entries cannot overflow before the first rescale.
     leaves = _normalise(leaves, jnp.zeros(d_re.shape, jnp.int32))
-    scanned = _doubling_scan(_compose, (*leaves[0], leaves[1]))
-    _, _, theta_re, theta_im, _, _, next_re, next_im, exponent = scanned
-    return theta_re, theta_im, next_re, next_im, exponent
+    planes, exponent = _doubling_scan(_compose, leaves)
+    return planes[_M01R], planes[_M01I], planes[_M11R], planes[_M11I], exponent
 
 
 def _couplings(b, c):

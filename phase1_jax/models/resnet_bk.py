@@ -25,6 +25,7 @@ from ..kernels.bk_scan import bk_features
 from .ar_ssm import AdaptiveRankSemiseparableLayer
 from .common import Buffer
 from .htt import HolographicTTEmbedding
+from .lns import LNSLinear
 from .moe import SparseMoE
 
 V_MAX = 3.0  # MoEResNetBKLayer.v_max: the potential is clamped to [-3, 3]
@@ -151,6 +152,10 @@ class ResNetBK(nnx.Module):
                                 for i in range(config.n_layers)])
         self.layer_norm_final = nnx.LayerNorm(d, epsilon=1e-5, use_fast_variance=False, rngs=rngs)
         self.lm_head = nnx.Linear(d, config.vocab_size, kernel_init=glorot_uniform, bias_init=zeros, rngs=rngs)
+        if p1 is not None and p1.lns_enabled:
+            # LNS replaces the largest dense layer, the LM head; same kernel/bias layout, so checkpoints match.
+            self.lm_head = LNSLinear.from_linear(self.lm_head, algorithm=p1.lns_algorithm)
+        self.gradient_checkpointing = p1 is not None and p1.use_gradient_checkpointing
         if config.param_dtype != "float32":
             # Parameters are stored in this dtype (e.g. an imported bf16 checkpoint); compute follows JAX's
             # promotion rules, and BK-Core always runs in float32.
@@ -185,8 +190,9 @@ class ResNetBK(nnx.Module):
         if not 1 <= length <= cfg.n_seq:
             raise InputValidationError(f"sequence length must be between 1 and n_seq = {cfg.n_seq}; got {length}")
 
-    def forward(self, ids: jax.Array, *, dropout_rng: jax.Array | None = None,
-                compute_dtype: Any = jnp.float32) -> tuple[jax.Array, dict[str, Any]]:
+    def forward(self, ids: jax.Array, *, dropout_rng: jax.Array | None = None, compute_dtype: Any = jnp.float32,
+                inference: bool = False) -> tuple[jax.Array, dict[str, Any]]:
+        """inference=True selects inference-only paths (LNS matmuls when enabled); training never sets it."""
         self.check_input_shape(ids)
         length = ids.shape[1]
         positions = jnp.arange(length)
@@ -196,13 +202,24 @@ class ResNetBK(nnx.Module):
                       else [None] * len(self.blocks))
         per_block = []
         for block, rng in zip(self.blocks, block_rngs):
-            h, aux = block(h, dropout_rng=rng)
+            if self.gradient_checkpointing:
+                # Recompute each block's activations in the backward pass instead of storing them. The block is
+                # split into a pure (graphdef, state) pair so jax.checkpoint sees a plain function.
+                graphdef, state = nnx.split(block)
+                h, aux = jax.checkpoint(lambda st, x, r: nnx.merge(graphdef, st)(x, dropout_rng=r))(state, h, rng)
+            else:
+                h, aux = block(h, dropout_rng=rng)
             per_block.append(aux)
-        logits = self.lm_head(self.layer_norm_final(h)).astype(jnp.float32)
+        final = self.layer_norm_final(h)
+        if isinstance(self.lm_head, LNSLinear):
+            logits = self.lm_head(final, inference=inference)
+        else:
+            logits = self.lm_head(final)
+        logits = logits.astype(jnp.float32)
         aux_loss = sum((a["ar_ssm_gate_l1_loss"] for a in per_block if "ar_ssm_gate_l1_loss" in a),
                        jnp.zeros((), jnp.float32))
         return logits, {"aux_loss": aux_loss, "blocks": per_block}
 
-    def __call__(self, ids: jax.Array) -> jax.Array:
-        return self.forward(ids)[0]
+    def __call__(self, ids: jax.Array, *, inference: bool = False) -> jax.Array:
+        return self.forward(ids, inference=inference)[0]
 
