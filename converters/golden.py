@@ -49,7 +49,7 @@ def run_baseline(case: dict, case_dir: Path, inputs: dict[str, np.ndarray]) -> O
     from phase1_jax.train import cross_entropy
 
     from .resnet_bk import model_from_state_dict
-    from .state_dict import baseline_key_map, trees_to_state_dict
+    from .state_dict import model_key_map, trees_to_state_dict
 
     ctor = dict(case.get("constructor", {}))
     if "dropout_p" in ctor:
@@ -81,10 +81,10 @@ def run_baseline(case: dict, case_dir: Path, inputs: dict[str, np.ndarray]) -> O
     if grads is not None:
         trees = {"params": jax.tree_util.tree_map(np.asarray, nnx.to_pure_dict(grads)),
                  "buffers": jax.tree_util.tree_map(np.asarray, nnx.to_pure_dict(buffers))}
-        full = trees_to_state_dict(trees, baseline_key_map(model.config))
+        full = trees_to_state_dict(trees, model_key_map(model.config))
         # Parameters only (buffers get no gradient). With top_k = 1 the gating network's gradient is exactly 0,
         # as in the reference.
-        param_keys = {m.torch_key for m in baseline_key_map(model.config) if m.jax_path.startswith("params.")}
+        param_keys = {m.torch_key for m in model_key_map(model.config) if m.jax_path.startswith("params.")}
         out["grads"] = {k: v for k, v in full.items() if k in param_keys}
     return out
 
@@ -111,7 +111,7 @@ def run_ar_ssm(case: dict, case_dir: Path, inputs: dict[str, np.ndarray]) -> Out
     kwargs = {k: ctor[k] for k in ("max_rank", "min_rank", "gate_hidden_dim", "l1_regularization") if k in ctor}
     layer = AdaptiveRankSemiseparableLayer(ctor["d_model"], **kwargs, local_conv="centered", rngs=nnx.Rngs(0))
     layer = load_state_into(layer, _state(case_dir),
-                            ar_ssm_key_map("", "", layer.d_model, layer.max_rank, layer.gate_hidden_dim))
+                            ar_ssm_key_map("", "", layer))
     if current is not None:
         layer.set_rank(current)
     y, aux = nnx.jit(lambda m, x: m(x, return_gates=True))(layer, jnp.asarray(inputs["x"], jnp.float32))

@@ -11,7 +11,8 @@ from flax import nnx
 
 from phase1_jax.models.common import Buffer, RankState
 
-from .state_dict import KeyMapping, check_state_dict, linear_rows, state_dict_to_trees, trees_to_state_dict
+from .state_dict import (KeyMapping, ar_ssm_rows, check_state_dict, htt_rows, state_dict_to_trees,
+                         trees_to_state_dict)
 
 
 def split_module(module: nnx.Module):
@@ -60,35 +61,10 @@ def state_from_module(module: nnx.Module, mapping: list[KeyMapping]) -> "Ordered
 
 
 def htt_key_map(torch_prefix: str, jax_prefix: str, emb) -> list[KeyMapping]:
-    """HolographicTTEmbedding: core1 (v1,1,r,d1), core2 (v2,r,1,d2), phase_shift (r,) (a buffer if no phase)."""
-    v1, v2, d1, d2, r = emb.v1, emb.v2, emb.d1, emb.d2, emb.rank
-    phase_kind = "params" if emb.phase_encoding else "buffers"
-    sep = "." if jax_prefix else ""
-    return [
-        KeyMapping(f"{torch_prefix}core1", f"params.{jax_prefix}{sep}core1", (v1, 1, r, d1), "float"),
-        KeyMapping(f"{torch_prefix}core2", f"params.{jax_prefix}{sep}core2", (v2, r, 1, d2), "float"),
-        KeyMapping(f"{torch_prefix}phase_shift", f"{phase_kind}.{jax_prefix}{sep}phase_shift", (r,), "float"),
-    ]
+    """The key map of a standalone HolographicTTEmbedding module."""
+    return htt_rows(torch_prefix, jax_prefix, emb.vocab_size, emb.d_model, emb.rank, emb.phase_encoding)
 
 
-def _conv_to_jax(w: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(w[:, 0, :].T)  # torch depthwise Conv1d (D, 1, 3) -> taps (3, D)
-
-
-def _conv_to_torch(k: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(k.T[:, None, :])
-
-
-def ar_ssm_key_map(torch_prefix: str, jax_prefix: str, d_model: int, max_rank: int,
-                   gate_hidden_dim: int) -> list[KeyMapping]:
-    """AdaptiveRankSemiseparableLayer, in the reference's state-dict order (REFERENCE_SPEC §2.2)."""
-    sep = "." if jax_prefix else ""
-    j = f"params.{jax_prefix}{sep}"
-    rows = linear_rows(f"{torch_prefix}complexity_gate.0", f"{j}complexity_gate_in", d_model, gate_hidden_dim)
-    rows += linear_rows(f"{torch_prefix}complexity_gate.2", f"{j}complexity_gate_out", gate_hidden_dim, max_rank)
-    rows += linear_rows(f"{torch_prefix}U_proj", f"{j}U_proj", d_model, max_rank, bias=False)
-    rows += linear_rows(f"{torch_prefix}V_proj", f"{j}V_proj", d_model, max_rank, bias=False)
-    rows.append(KeyMapping(f"{torch_prefix}T_conv.weight", f"{j}T_conv.kernel", (d_model, 1, 3), "float",
-                           _conv_to_jax, _conv_to_torch))
-    rows += linear_rows(f"{torch_prefix}output_proj", f"{j}output_proj", max_rank, d_model)
-    return rows
+def ar_ssm_key_map(torch_prefix: str, jax_prefix: str, layer) -> list[KeyMapping]:
+    """The key map of a standalone AdaptiveRankSemiseparableLayer."""
+    return ar_ssm_rows(torch_prefix, jax_prefix, layer.d_model, layer.max_rank, layer.gate_hidden_dim)

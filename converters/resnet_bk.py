@@ -12,7 +12,7 @@ from phase1_jax.config import ModelConfig
 from phase1_jax.models.resnet_bk import ResNetBK
 
 from .nnx_bridge import load_state_into, state_from_module
-from .state_dict import baseline_key_map, infer_baseline_config, stacked_shapes_for
+from .state_dict import model_key_map, infer_baseline_config, stacked_shapes_for
 
 
 def model_from_state_dict(state: Mapping[str, np.ndarray], config: ModelConfig | None = None,
@@ -20,9 +20,9 @@ def model_from_state_dict(state: Mapping[str, np.ndarray], config: ModelConfig |
     """Builds a ResNetBK holding exactly the given reference weights (architecture inferred if not given)."""
     config = config or infer_baseline_config(state, **overrides)
     abstract = nnx.eval_shape(lambda: ResNetBK(config, rngs=nnx.Rngs(0)))
-    return load_state_into(abstract, state, baseline_key_map(config), stacked_shapes_for(config))
+    return load_state_into(abstract, state, model_key_map(config), stacked_shapes_for(config))
 
 
 def state_dict_from_model(model: ResNetBK) -> "OrderedDict[str, np.ndarray]":
     """The reference's state dict (keys, order, shapes, dtypes) for a baseline ResNetBK."""
-    return state_from_module(model, baseline_key_map(model.config))
+    return state_from_module(model, model_key_map(model.config))

@@ -64,14 +64,64 @@ def layer_norm_rows(torch_prefix: str, jax_prefix: str, d: int):
             KeyMapping(f"{torch_prefix}.bias", f"{jax_prefix}.bias", (d,), "float")]
 
 
-def baseline_key_map(config: ModelConfig, torch_prefix: str = "") -> list[KeyMapping]:
-    """The reference LanguageModel's keys (REFERENCE_SPEC §1.3), in order, for a baseline config."""
+def htt_rows(torch_prefix: str, jax_prefix: str, vocab: int, d_model: int, rank: int,
+             phase_encoding: bool) -> list[KeyMapping]:
+    """HolographicTTEmbedding: core1 (v1,1,r,d1), core2 (v2,r,1,d2), phase_shift (r,) (a buffer if no phase)."""
+    from phase1_jax.models.htt import tt_factorization
+
+    v1, v2, d1, d2 = tt_factorization(vocab, d_model)
+    phase_kind = "params" if phase_encoding else "buffers"
+    return [KeyMapping(f"{torch_prefix}core1", f"params.{jax_prefix}core1", (v1, 1, rank, d1), "float"),
+            KeyMapping(f"{torch_prefix}core2", f"params.{jax_prefix}core2", (v2, rank, 1, d2), "float"),
+            KeyMapping(f"{torch_prefix}phase_shift", f"{phase_kind}.{jax_prefix}phase_shift", (rank,), "float")]
+
+
+def _conv_to_jax(w: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(w[:, 0, :].T)  # torch depthwise Conv1d weight (D, 1, 3) -> taps (3, D)
+
+
+def _conv_to_torch(k: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(k.T[:, None, :])
+
+
+def ar_ssm_rows(torch_prefix: str, jax_prefix: str, d_model: int, max_rank: int,
+                gate_hidden_dim: int) -> list[KeyMapping]:
+    """AdaptiveRankSemiseparableLayer in the reference's state-dict order (REFERENCE_SPEC §2.2)."""
+    t, j = torch_prefix, f"params.{jax_prefix}"
+    rows = linear_rows(f"{t}complexity_gate.0", f"{j}complexity_gate_in", d_model, gate_hidden_dim)
+    rows += linear_rows(f"{t}complexity_gate.2", f"{j}complexity_gate_out", gate_hidden_dim, max_rank)
+    rows += linear_rows(f"{t}U_proj", f"{j}U_proj", d_model, max_rank, bias=False)
+    rows += linear_rows(f"{t}V_proj", f"{j}V_proj", d_model, max_rank, bias=False)
+    rows.append(KeyMapping(f"{t}T_conv.weight", f"{j}T_conv.kernel", (d_model, 1, 3), "float",
+                           _conv_to_jax, _conv_to_torch))
+    rows += linear_rows(f"{t}output_proj", f"{j}output_proj", max_rank, d_model)
+    return rows
+
+
+def model_key_map(config: ModelConfig, torch_prefix: str = "") -> list[KeyMapping]:
+    """Torch keys of a ResNetBK in order: the reference LanguageModel (REFERENCE_SPEC §1.3) for a baseline
+    config; for a Phase 1 config, HTT cores in place of embedding weights (as the reference's
+    Phase1IntegratedModel stores them, §2.12) and, per AR-SSM block, `ar_ssm_norm.*` and `ar_ssm.*` keys
+    (phase1-jax's own layout: the reference never inserts AR-SSM layers)."""
     d, n, v, e = config.d_model, config.n_seq, config.vocab_size, config.num_experts
-    p = torch_prefix
-    rows = [KeyMapping(f"{p}token_embedding.weight", "params.token_embedding.embedding", (v, d), "float"),
-            KeyMapping(f"{p}position_embedding.weight", "params.position_embedding.embedding", (n, d), "float")]
+    p, p1 = torch_prefix, config.phase1
+    from phase1_jax.models.resnet_bk import ResNetBK
+
+    def embedding(name: str, rows: int, use_htt: bool) -> list[KeyMapping]:
+        if use_htt:
+            return htt_rows(f"{p}{name}.", f"{name}.", rows, d, p1.htt_rank, p1.htt_phase_encoding)
+        return [KeyMapping(f"{p}{name}.weight", f"params.{name}.embedding", (rows, d), "float")]
+
+    htt = p1 is not None and p1.htt_enabled
+    rows = embedding("token_embedding", v, htt)
+    rows += embedding("position_embedding", n, htt and p1.htt_position_embedding)
+    ar_blocks = ResNetBK.ar_ssm_layer_indices(config)
     for i in range(config.n_layers):
         tb, jb = f"{p}blocks.{i}", f"blocks.{i}"
+        if i in ar_blocks:
+            hidden = p1.ar_ssm_gate_hidden_dim or max(d // 4, p1.ar_ssm_min_rank)
+            rows += layer_norm_rows(f"{tb}.ar_ssm_norm", f"params.{jb}.ar_ssm_norm", d)
+            rows += ar_ssm_rows(f"{tb}.ar_ssm.", f"{jb}.ar_ssm.", d, p1.ar_ssm_max_rank, hidden)
         bk, jbk = f"{tb}.bk_layer", f"{jb}.bk_layer"
         rows += layer_norm_rows(f"{tb}.layer_norm", f"params.{jb}.layer_norm", d)
         rows += [
@@ -98,6 +148,8 @@ def baseline_key_map(config: ModelConfig, torch_prefix: str = "") -> list[KeyMap
     rows += layer_norm_rows(f"{p}layer_norm_final", "params.layer_norm_final", d)
     rows += linear_rows(f"{p}lm_head", "params.lm_head", d, v)
     return rows
+
+
 
 
 # --------------------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ caller opts in explicitly. Writing is atomic (a temporary file renamed into plac
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from collections import OrderedDict
@@ -16,6 +17,7 @@ from typing import Mapping
 import ml_dtypes
 import numpy as np
 
+KEY_ORDER_METADATA = "phase1_jax.key_order"
 WRAPPER_KEYS = ("model_state_dict", "state_dict", "model")  # guide §5.1: training checkpoints nest the weights
 
 
@@ -68,13 +70,13 @@ def load_state_dict(path: str | os.PathLike, *, allow_code: bool = False) -> "Or
     if not path.is_file():
         raise TorchCheckpointError(f"{path}: no such file")
     if path.suffix == ".safetensors":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
+        from safetensors import SafetensorError, safe_open
         try:
-            tensors = load_file(str(path))
-        except (SafetensorError, OSError, ValueError) as err:
+            with safe_open(str(path), framework="pt") as fh:
+                order = json.loads((fh.metadata() or {}).get(KEY_ORDER_METADATA, "null")) or list(fh.keys())
+                return OrderedDict((k, tensor_to_numpy(fh.get_tensor(k))) for k in order)
+        except (SafetensorError, OSError, ValueError, KeyError) as err:
             raise TorchCheckpointError(f"{path}: not a readable safetensors file ({err})") from err
-        return OrderedDict((k, tensor_to_numpy(v)) for k, v in tensors.items())
     torch = _torch()
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=not allow_code)
@@ -114,7 +116,8 @@ def save_state_dict(state: Mapping[str, np.ndarray], path: str | os.PathLike, *,
     try:
         if fmt == "safetensors":
             from safetensors.torch import save_file
-            save_file(tensors, tmp)
+            # safetensors stores tensors by offset, not insertion order: keep the state dict's order in metadata.
+            save_file(tensors, tmp, metadata={KEY_ORDER_METADATA: json.dumps(list(tensors))})
         else:
             _torch().save(tensors, tmp)
         os.replace(tmp, path)

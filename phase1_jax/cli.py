@@ -2,6 +2,10 @@
 
     phase1-jax train [--preset NAME | --config FILE.yaml] [--steps N] [--out DIR] [--set key=value ...]
     phase1-jax logits RUN_OR_CKPT_DIR --ids IDS.npy --out OUT.npy
+    phase1-jax import-torch SRC.pt OUT_DIR [--top-k K] [--dropout P] ...
+    phase1-jax export-torch CKPT_DIR OUT.pt [--format pt|safetensors]
+    phase1-jax convert-to-phase1 CKPT_DIR OUT_DIR [--preset NAME] [--htt-rank R] ...
+    phase1-jax convert-from-phase1 CKPT_DIR OUT_DIR [--drop-ar-ssm]
 """
 
 from __future__ import annotations
@@ -95,6 +99,31 @@ def cmd_logits(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_import_torch(args: argparse.Namespace) -> int:
+    from .converters.bridge import import_torch
+
+    options = {k: v for k, v in dict(
+        top_k=args.top_k, dropout=args.dropout, prime_bump_init=args.prime_bump_init,
+        prime_bump_scale=args.prime_bump_scale, scattering_scale=args.scattering_scale,
+        scattering_scale_warmup_steps=args.scattering_scale_warmup_steps, numerics=args.numerics,
+        htt_phase_encoding=False if args.no_phase_encoding else None, ar_ssm_min_rank=args.ar_ssm_min_rank,
+        ar_ssm_local_conv=args.ar_ssm_local_conv).items() if v is not None}
+    path, config, layout = import_torch(args.src, args.out_dir, allow_code=args.allow_pickle_code,
+                                        overwrite=args.overwrite, **options)
+    print(f"imported {layout} checkpoint: vocab {config.vocab_size}, d_model {config.d_model}, "
+          f"{config.n_layers} layers, n_seq {config.n_seq}, {config.num_experts} experts, top_k {config.top_k}, "
+          f"numerics {config.numerics}, {config.param_dtype} -> {path}")
+    return 0
+
+
+def cmd_export_torch(args: argparse.Namespace) -> int:
+    from .converters.bridge import export_torch
+
+    path = export_torch(args.checkpoint, args.out, fmt=args.format)
+    print(f"wrote {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="phase1-jax", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -114,6 +143,30 @@ def build_parser() -> argparse.ArgumentParser:
     logits.add_argument("--ids", required=True, help=".npy file of integer token ids, shape (B, N)")
     logits.add_argument("--out", required=True, help="output .npy file for the float32 logits (B, N, V)")
     logits.set_defaults(func=cmd_logits)
+
+    imp = sub.add_parser("import-torch", help="import a PyTorch ResNet-BK state dict into an Orbax checkpoint")
+    imp.add_argument("src", help=".pt/.pth/.bin (torch.load, weights only) or .safetensors")
+    imp.add_argument("out_dir", help="checkpoint directory to create")
+    imp.add_argument("--top-k", type=int, help="experts per token (reference default 1)")
+    imp.add_argument("--dropout", type=float, help="expert dropout (reference default 0.1)")
+    imp.add_argument("--prime-bump-init", action="store_true", default=None, help="record prime_bump_init=True")
+    imp.add_argument("--prime-bump-scale", type=float, help="reference default 0.02")
+    imp.add_argument("--scattering-scale", type=float, help="reference default 0.1")
+    imp.add_argument("--scattering-scale-warmup-steps", type=int, help="reference default 0")
+    imp.add_argument("--numerics", choices=["reference", "native"], help="default: reference (exact parity)")
+    imp.add_argument("--no-phase-encoding", action="store_true", help="HTT cores were built without phase")
+    imp.add_argument("--ar-ssm-min-rank", type=int, help="AR-SSM min rank (not stored in state dicts)")
+    imp.add_argument("--ar-ssm-local-conv", choices=["causal", "centered"], help="AR-SSM conv alignment")
+    imp.add_argument("--allow-pickle-code", action="store_true",
+                     help="load pickles that carry code (only for files you trust)")
+    imp.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    imp.set_defaults(func=cmd_import_torch)
+
+    exp = sub.add_parser("export-torch", help="write a checkpoint as a plain PyTorch state dict")
+    exp.add_argument("checkpoint", help="run directory or checkpoint directory")
+    exp.add_argument("out", help="output file (.pt or .safetensors)")
+    exp.add_argument("--format", choices=["pt", "safetensors"], help="default: from the file suffix")
+    exp.set_defaults(func=cmd_export_torch)
     return parser
 
 
@@ -121,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (InvalidConfigError, InputValidationError, CheckpointError) as err:
+    except (ValueError, CheckpointError) as err:  # every input error of ours derives from one of these
         print(f"phase1-jax {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -221,11 +221,6 @@ class RunConfig:
     training: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
 
-    def __post_init__(self):
-        if self.data.source != "tokens":
-            _require(self.model.vocab_size == 256, "model.vocab_size", self.model.vocab_size,
-                     f"256 (the byte-level tokenizer) when data.source is '{self.data.source}'")
-
     def to_dict(self) -> dict[str, Any]:
         return {"model": self.model.to_dict(), "training": self.training.to_dict(), "data": self.data.to_dict()}
 

@@ -19,7 +19,7 @@ from .checkpoint import save_checkpoint
 from .config import RunConfig
 from .data import (BatchIterator, corpus_fingerprint, eval_batches, load_tokens, train_val_split,
                    unigram_entropy_nats, validate_token_range)
-from .errors import CheckpointError
+from .errors import CheckpointError, InvalidConfigError
 from .train import train_loop
 
 
@@ -30,6 +30,9 @@ def run_training(config: RunConfig, out_dir: str | Path, *,
         raise CheckpointError(f"{out} already holds a finished run; choose another --out")
     data_cfg, model_cfg, train_cfg = config.data, config.model, config.training
     # All input validation happens before any compilation or training.
+    if data_cfg.source != "tokens" and model_cfg.vocab_size < 256:
+        raise InvalidConfigError("model.vocab_size", model_cfg.vocab_size,
+                                 f">= 256 (byte-level tokens) when data.source is '{data_cfg.source}'")
     tokens = load_tokens(data_cfg.source, data_cfg.path, data_cfg.token_dtype)
     validate_token_range(tokens, model_cfg.vocab_size, where=data_cfg.path or "the embedded corpus")
     seq_len = model_cfg.n_seq

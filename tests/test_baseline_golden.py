@@ -11,7 +11,7 @@ from flax import nnx
 
 from conftest import GOLDEN_DIR, golden_cases
 from phase1_jax.converters.resnet_bk import model_from_state_dict
-from phase1_jax.converters.state_dict import baseline_key_map, trees_to_state_dict
+from phase1_jax.converters.state_dict import model_key_map, trees_to_state_dict
 from phase1_jax.converters.torch_io import load_state_dict
 from phase1_jax.train import cross_entropy, split_model
 
@@ -67,7 +67,7 @@ def test_reference_gradients_match_golden(case_dir):
 
     trees = {"params": jax.tree_util.tree_map(np.asarray, nnx.to_pure_dict(grads)),
              "buffers": jax.tree_util.tree_map(np.asarray, nnx.to_pure_dict(buffers))}
-    ours = trees_to_state_dict(trees, baseline_key_map(model.config))
+    ours = trees_to_state_dict(trees, model_key_map(model.config))
     expected = np.load(case_dir / "expected_grads.npz")
     assert set(expected.files) <= set(ours)
     for key in ours:

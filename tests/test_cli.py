@@ -67,3 +67,8 @@ def test_invalid_config_names_the_field(tmp_path, capsys):
     assert "model.top_k" in capsys.readouterr().err
     assert main(["train", "--preset", "nope", "--out", str(tmp_path / "r")]) == 2
     assert "tiny" in capsys.readouterr().err
+
+
+def test_text_source_needs_byte_vocab(tmp_path, capsys):
+    assert main(["train", "--preset", "tiny", "--set", "model.vocab_size=100", "--out", str(tmp_path / "r")]) == 2
+    assert "model.vocab_size" in capsys.readouterr().err

@@ -69,11 +69,6 @@ def test_overrides_dotted_and_phase1_created_on_demand():
         run_preset("tiny").with_overrides({"training.stepz": 3})
 
 
-def test_byte_vocab_required_for_text_sources():
-    with pytest.raises(InvalidConfigError, match="model.vocab_size"):
-        RunConfig(model=ModelConfig(vocab_size=1000))
-
-
 def test_load_run_config_names_file(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text("model:\n  numerics: fast\n")

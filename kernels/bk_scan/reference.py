@@ -71,18 +71,26 @@ def to_features(g):
 # ----------------------------------------------------------------------------------------------------------------
 
 def _numpy_inputs(a, b, c, z):
-    """float32-rounded inputs, as the model would hand them over, widened to complex128 / float64."""
-    a = np.asarray(a, np.float32)
+    """Inputs widened to complex128 / float64 without rounding (float64 inputs stay exact, for finite differences)."""
+    a = np.asarray(a, np.float64)
     if a.ndim != 2:
         raise ValueError(f"a must have shape (B, N), got {a.shape}")
     batch, n = a.shape
-    b = np.ones(n - 1, np.float32) if b is None else np.asarray(b, np.float32)
-    c = np.ones(n - 1, np.float32) if c is None else np.asarray(c, np.float32)
-    b = np.broadcast_to(b, (batch, n - 1)).astype(np.float64)
-    c = np.broadcast_to(c, (batch, n - 1)).astype(np.float64)
-    z = complex(np.complex64(z))
+    b = np.ones(n - 1) if b is None else np.asarray(b, np.float64)
+    c = np.ones(n - 1) if c is None else np.asarray(c, np.float64)
+    b = np.broadcast_to(b, (batch, n - 1))
+    c = np.broadcast_to(c, (batch, n - 1))
+    z = complex(z)
     d = a.astype(np.complex128) - z
     return d, b, c, z
+
+
+def _float32_inputs(a, b, c, z):
+    """What the PyTorch reference receives: float32 tensors and a complex64 z."""
+    a = np.asarray(a, np.float32)
+    b = None if b is None else np.asarray(b, np.float32)
+    c = None if c is None else np.asarray(c, np.float32)
+    return a, b, c, np.complex64(z)
 
 
 def numpy_to_features(g):
@@ -98,7 +106,7 @@ def reference_mode_forward_numpy(a, b=None, c=None, z=1j):
     c_i b_i, one bond to the left of the textbook expansion; this only matters for non-uniform b, c and is kept.
     Returns features (B, N, 2) float32.
     """
-    d, b, c, _ = _numpy_inputs(a, b, c, z)
+    d, b, c, _ = _numpy_inputs(*_float32_inputs(a, b, c, z))
     batch, n = d.shape
     bond = c.astype(np.complex128) * b.astype(np.complex128)  # complex128 product, as in the reference
     # Overflow to inf/nan is the behaviour being reproduced, not an accident.

@@ -297,6 +297,9 @@ def _reference_mode_resolvent(a, b, c, z):
     """
     batch, n = a.shape
     d_re, d_im = _shifted_planes(a, z)
+    if n == 1:
+        # theta_0 = phi_0 = 1 and det = d_0: the reference computes 1/(d_0 + 1e-18) and nothing can overflow.
+        return _zero_non_finite_and_clip(1.0 / lax.complex(d_re + REFERENCE_DET_EPS, d_im))
     bond = b * c
     reversed_bond = bond[:, ::-1]
     zero_column = jnp.zeros_like(a[:, :1])
@@ -375,8 +378,12 @@ def _reference_mode_resolvent(a, b, c, z):
     numerator_overflow = jnp.log2(largest_numerator) >= _headroom(num_exp)
 
     cliff = row_zero | phi_poisoned | numerator_overflow
-    g = jnp.where(cliff | ~jnp.isfinite(g), 0.0, g).astype(jnp.complex64)
+    return _zero_non_finite_and_clip(jnp.where(cliff, 0.0, g))
 
+
+def _zero_non_finite_and_clip(g):
+    """Steps 5-6 of the reference: non-finite G -> 0, then |G| > 50 scaled back to 50."""
+    g = jnp.where(jnp.isfinite(g), g, 0.0).astype(jnp.complex64)
     magnitude = jnp.abs(g)
     clip_factor = jnp.where(magnitude > REFERENCE_MAX_MAGNITUDE,
                             REFERENCE_MAX_MAGNITUDE / (magnitude + REFERENCE_CLIP_EPS), 1.0)

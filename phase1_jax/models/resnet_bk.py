@@ -157,10 +157,11 @@ class ResNetBK(nnx.Module):
             self.lm_head = LNSLinear.from_linear(self.lm_head, algorithm=p1.lns_algorithm)
         self.gradient_checkpointing = p1 is not None and p1.use_gradient_checkpointing
         if config.param_dtype != "float32":
-            # Parameters are stored in this dtype (e.g. an imported bf16 checkpoint); compute follows JAX's
-            # promotion rules, and BK-Core always runs in float32.
-            params = nnx.state(self, nnx.Param)
-            nnx.update(self, jax.tree_util.tree_map(lambda x: x.astype(config.param_dtype), params))
+            # Parameters and float buffers are stored in this dtype (e.g. an imported bf16 checkpoint); compute
+            # follows JAX's promotion rules, and BK-Core always runs in float32.
+            floats = nnx.state(self, (nnx.Param, Buffer))
+            nnx.update(self, jax.tree_util.tree_map(
+                lambda x: x.astype(config.param_dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, floats))
 
     @staticmethod
     def ar_ssm_layer_indices(config: ModelConfig) -> frozenset[int]:

@@ -1,0 +1,188 @@
+"""import-torch / export-torch: parity with the reference, bit-exact round trips, and strict, safe failures."""
+
+import json
+import os
+from collections import OrderedDict
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from conftest import golden_cases  # noqa: E402
+from phase1_jax.cli import main  # noqa: E402
+
+BASELINE_CASES = golden_cases("baseline_")
+
+
+def _cli(*args):
+    return main([str(a) for a in args])
+
+
+def _assert_identical(a, b):
+    assert list(a) == list(b)
+    for key in a:
+        assert a[key].dtype == b[key].dtype and a[key].shape == b[key].shape, key
+        assert torch.equal(a[key].view(-1).view(torch.uint8) if a[key].dtype != torch.complex64 else a[key],
+                           b[key].view(-1).view(torch.uint8) if b[key].dtype != torch.complex64 else b[key]), key
+
+
+@pytest.mark.parametrize("case_dir", BASELINE_CASES, ids=lambda c: c.name)
+def test_import_logits_match_reference_and_export_is_bit_identical(case_dir, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    assert _cli("import-torch", case_dir / "state_dict.pt", ckpt) == 0
+    meta = json.loads((ckpt / "meta.json").read_text())
+    assert meta["torch_layout"] == "baseline"
+    assert "numerics: reference" in (ckpt / "config.yaml").read_text()
+    assert _cli("logits", ckpt, "--ids", case_dir / "input_ids.npy", "--out", tmp_path / "logits.npy") == 0
+    np.testing.assert_allclose(np.load(tmp_path / "logits.npy"), np.load(case_dir / "expected_logits.npy"),
+                               atol=1e-5, rtol=0)
+    for fmt, name in (("pt", "out.pt"), ("safetensors", "out.safetensors")):
+        assert _cli("export-torch", ckpt, tmp_path / name, "--format", fmt) == 0
+    original = torch.load(case_dir / "state_dict.pt", weights_only=True)
+    _assert_identical(original, torch.load(tmp_path / "out.pt", weights_only=True))
+    from safetensors.torch import load_file
+
+    from phase1_jax.converters.torch_io import load_state_dict, numpy_to_tensor
+
+    plain = load_file(str(tmp_path / "out.safetensors"))  # any safetensors reader gets every tensor...
+    _assert_identical(original, OrderedDict((k, plain[k]) for k in original))
+    ordered = load_state_dict(tmp_path / "out.safetensors")  # ...and ours also the original key order
+    _assert_identical(original, OrderedDict((k, numpy_to_tensor(v)) for k, v in ordered.items()))
+
+
+@pytest.fixture(scope="module")
+def small_state():
+    cases = golden_cases("baseline_small")
+    if not cases:
+        pytest.skip("golden baseline_small not available")
+    return torch.load(cases[0] / "state_dict.pt", weights_only=True)
+
+
+def test_bf16_round_trip_is_bit_identical(small_state, tmp_path):
+    bf16 = OrderedDict((k, v.to(torch.bfloat16) if v.is_floating_point() else v.clone())
+                       for k, v in small_state.items())
+    # Random low bits, so a float32 detour would show.
+    torch.save(bf16, tmp_path / "bf16.pt")
+    assert _cli("import-torch", tmp_path / "bf16.pt", tmp_path / "ckpt") == 0
+    assert "param_dtype: bfloat16" in (tmp_path / "ckpt" / "config.yaml").read_text()
+    assert _cli("export-torch", tmp_path / "ckpt", tmp_path / "back.pt") == 0
+    _assert_identical(bf16, torch.load(tmp_path / "back.pt", weights_only=True))
+
+
+@pytest.mark.parametrize("wrapper", ["model", "state_dict", "model_state_dict"])
+def test_wrapped_training_checkpoints_are_accepted(small_state, tmp_path, wrapper):
+    torch.save({wrapper: small_state, "epoch": 3, "optimizer": {"lr": 0.1}}, tmp_path / "train.pt")
+    assert _cli("import-torch", tmp_path / "train.pt", tmp_path / "ckpt", "--top-k", "2") == 0
+    assert "top_k: 2" in (tmp_path / "ckpt" / "config.yaml").read_text()
+
+
+def test_phase1_integrated_layout_round_trips(small_state, tmp_path):
+    """The reference's Phase1IntegratedModel: `base_model.` prefix, HTT cores for both embeddings."""
+    from phase1_jax.models.htt import tt_factorization
+
+    rank = 4
+    state = OrderedDict()
+    gen = torch.Generator().manual_seed(0)
+    for key, value in small_state.items():
+        if key in ("token_embedding.weight", "position_embedding.weight"):
+            rows = value.shape[0]
+            v1, v2, d1, d2 = tt_factorization(rows, value.shape[1])
+            name = key.split(".")[0]
+            state[f"base_model.{name}.core1"] = torch.randn(v1, 1, rank, d1, generator=gen) * 0.02
+            state[f"base_model.{name}.core2"] = torch.randn(v2, rank, 1, d2, generator=gen) * 0.02
+            state[f"base_model.{name}.phase_shift"] = torch.randn(rank, generator=gen) * 0.1
+        else:
+            state[f"base_model.{key}"] = value
+    torch.save(state, tmp_path / "p1.pt")
+    assert _cli("import-torch", tmp_path / "p1.pt", tmp_path / "ckpt") == 0
+    text = (tmp_path / "ckpt" / "config.yaml").read_text()
+    assert "htt_position_embedding: true" in text and "ar_ssm_enabled: false" in text
+    ids = np.random.default_rng(0).integers(0, 1000, size=(1, 32))
+    np.save(tmp_path / "ids.npy", ids)
+    assert _cli("logits", tmp_path / "ckpt", "--ids", tmp_path / "ids.npy", "--out", tmp_path / "l.npy") == 0
+    assert np.isfinite(np.load(tmp_path / "l.npy")).all()
+    assert _cli("export-torch", tmp_path / "ckpt", tmp_path / "back.pt") == 0
+    _assert_identical(state, torch.load(tmp_path / "back.pt", weights_only=True))
+
+
+# ------------------------------------------------------------------------------------------ bad inputs
+
+def _expect_failure(capsys, tmp_path, src, *fragments, extra=()):
+    out = tmp_path / "out_ckpt"
+    assert _cli("import-torch", src, out, *extra) == 2
+    err = capsys.readouterr().err
+    for fragment in fragments:
+        assert fragment in err, (fragment, err)
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out_ckpt")], "partial output left behind"
+    return err
+
+
+def test_truncated_file(small_state, tmp_path, capsys):
+    torch.save(small_state, tmp_path / "full.pt")
+    data = (tmp_path / "full.pt").read_bytes()
+    (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
+    _expect_failure(capsys, tmp_path, tmp_path / "cut.pt", "cut.pt", "truncated or corrupt")
+
+
+def test_missing_extra_and_misshaped_keys_reported_together(small_state, tmp_path, capsys):
+    state = OrderedDict(small_state)
+    del state["blocks.1.bk_layer.v_proj.bias"]
+    state["blocks.0.bk_layer.extra_scale"] = torch.ones(3)
+    state["blocks.0.bk_layer.output_proj.weight"] = torch.ones(64, 3)
+    torch.save(state, tmp_path / "bad.pt")
+    err = _expect_failure(capsys, tmp_path, tmp_path / "bad.pt", "missing key 'blocks.1.bk_layer.v_proj.bias'",
+                          "unexpected key 'blocks.0.bk_layer.extra_scale'",
+                          "'blocks.0.bk_layer.output_proj.weight' has shape (64, 3), expected (64, 2)",
+                          "expected layout")
+    assert "3 problem(s)" in err
+
+
+def test_wrong_dtype_reported(small_state, tmp_path, capsys):
+    state = OrderedDict(small_state)
+    state["blocks.0.bk_layer.moe_ffn.scattering_step_counter"] = torch.tensor(0.0)
+    torch.save(state, tmp_path / "bad.pt")
+    _expect_failure(capsys, tmp_path, tmp_path / "bad.pt", "scattering_step_counter' has dtype float32, expected int64")
+
+
+def test_nan_weight_reported_by_key(small_state, tmp_path, capsys):
+    state = OrderedDict(small_state)
+    w = state["lm_head.weight"].clone()
+    w[3, 5] = float("nan")
+    state["lm_head.weight"] = w
+    torch.save(state, tmp_path / "nan.pt")
+    _expect_failure(capsys, tmp_path, tmp_path / "nan.pt", "'lm_head.weight' holds 1 non-finite value(s)")
+
+
+def test_wrong_architecture(tmp_path, capsys):
+    torch.save({"encoder.weight": torch.ones(3, 3)}, tmp_path / "other.pt")
+    _expect_failure(capsys, tmp_path, tmp_path / "other.pt", "missing key 'lm_head.weight'")
+
+
+class Payload:
+    def __reduce__(self):
+        return (os.system, ("echo should-not-run",))
+
+
+def test_code_carrying_pickle_refused(tmp_path, capsys):
+    torch.save({"token_embedding.weight": torch.ones(2, 2), "evil": Payload()}, tmp_path / "evil.pt")
+    _expect_failure(capsys, tmp_path, tmp_path / "evil.pt", "refusing to load a pickle that carries code",
+                    "torch.save(model.state_dict()", "--allow-pickle-code")
+
+
+def test_unwritable_output_path(small_state, tmp_path, capsys):
+    torch.save(small_state, tmp_path / "ok.pt")
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    assert _cli("import-torch", tmp_path / "ok.pt", blocker / "ckpt") == 2
+    assert "cannot write" in capsys.readouterr().err
+    assert _cli("import-torch", tmp_path / "ok.pt", tmp_path / "ckpt") == 0
+    assert _cli("export-torch", tmp_path / "ckpt", blocker / "x.pt") == 2
+    assert "cannot write" in capsys.readouterr().err
+    assert _cli("import-torch", tmp_path / "ok.pt", tmp_path / "ckpt") == 2  # exists: refuse, keep it intact
+    assert "already exists" in capsys.readouterr().err and (tmp_path / "ckpt" / "state").is_dir()
+
+
+def test_missing_source_file(tmp_path, capsys):
+    _expect_failure(capsys, tmp_path, tmp_path / "nope.pt", "no such file")
