@@ -124,6 +124,52 @@ def cmd_export_torch(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_report(report: dict) -> None:
+    import json
+
+    print(json.dumps(report, indent=2, default=str))
+
+
+def cmd_convert_to_phase1(args: argparse.Namespace) -> int:
+    from .checkpoint import load_checkpoint, read_meta, save_checkpoint
+    from .converters.nnx_bridge import split_module
+    from .converters.phase1_conversion import convert_to_phase1
+    from .phase1_config import Phase1Config, get_preset_config
+
+    config, model = load_checkpoint(args.checkpoint)
+    phase1 = get_preset_config(args.preset) if args.preset else Phase1Config()
+    changes = {k: v for k, v in dict(htt_rank=args.htt_rank, ar_ssm_max_rank=args.ar_ssm_max_rank,
+                                     ar_ssm_min_rank=args.ar_ssm_min_rank).items() if v is not None}
+    if changes:
+        phase1 = phase1.replace(**changes)
+    model_changes = {"numerics": args.numerics} if args.numerics else {}
+    converted, report = convert_to_phase1(model, phase1, **model_changes)
+    _, params, buffers = split_module(converted)
+    meta = {"conversion": "to_phase1", "conversion_report": report, "converted_from": str(args.checkpoint)}
+    layout = read_meta(args.checkpoint).get("torch_layout")
+    if layout:
+        meta["source_torch_layout"] = layout
+    save_checkpoint(args.out_dir, type(config)(model=converted.config, training=config.training, data=config.data),
+                    params, buffers, extra_meta=meta)
+    _print_report(report)
+    return 0
+
+
+def cmd_convert_from_phase1(args: argparse.Namespace) -> int:
+    from .checkpoint import load_checkpoint, save_checkpoint
+    from .converters.nnx_bridge import split_module
+    from .converters.phase1_conversion import convert_from_phase1
+
+    config, model = load_checkpoint(args.checkpoint)
+    baseline, report = convert_from_phase1(model, drop_ar_ssm=args.drop_ar_ssm)
+    _, params, buffers = split_module(baseline)
+    save_checkpoint(args.out_dir, type(config)(model=baseline.config, training=config.training, data=config.data),
+                    params, buffers, extra_meta={"conversion": "from_phase1", "conversion_report": report,
+                                                 "converted_from": str(args.checkpoint)})
+    _print_report(report)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="phase1-jax", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -167,6 +213,22 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("out", help="output file (.pt or .safetensors)")
     exp.add_argument("--format", choices=["pt", "safetensors"], help="default: from the file suffix")
     exp.set_defaults(func=cmd_export_torch)
+
+    to_p1 = sub.add_parser("convert-to-phase1", help="baseline checkpoint -> Phase 1, keeping the weights")
+    to_p1.add_argument("checkpoint")
+    to_p1.add_argument("out_dir")
+    to_p1.add_argument("--preset", help="Phase 1 preset: 8gb, 10gb, 24gb, inference, max_quality, max_efficiency")
+    to_p1.add_argument("--htt-rank", type=int)
+    to_p1.add_argument("--ar-ssm-max-rank", type=int)
+    to_p1.add_argument("--ar-ssm-min-rank", type=int)
+    to_p1.add_argument("--numerics", choices=["reference", "native"], help="default: keep the checkpoint's")
+    to_p1.set_defaults(func=cmd_convert_to_phase1)
+
+    from_p1 = sub.add_parser("convert-from-phase1", help="Phase 1 checkpoint -> baseline (HTT expanded exactly)")
+    from_p1.add_argument("checkpoint")
+    from_p1.add_argument("out_dir")
+    from_p1.add_argument("--drop-ar-ssm", action="store_true", help="remove AR-SSM layers (reports the change)")
+    from_p1.set_defaults(func=cmd_convert_from_phase1)
     return parser
 
 

@@ -1,0 +1,188 @@
+"""The PyTorch twins load an exported phase1-jax model strictly and reproduce its logits to 1e-5."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+
+from conftest import GOLDEN_DIR
+from phase1_jax.config import ModelConfig
+from phase1_jax.converters.resnet_bk import state_dict_from_model
+from phase1_jax.converters.state_dict import model_key_map
+from phase1_jax.converters.torch_io import numpy_to_tensor, tensor_to_numpy
+from phase1_jax.converters.torch_twins import (
+    bidirectional_resolvent_diagonal,
+    build_torch_twin,
+    causal_resolvent_diagonal,
+    reference_resolvent_diagonal,
+)
+from phase1_jax.kernels.bk_scan import bidirectional_numpy, causal_numpy, reference_mode_forward_numpy
+from phase1_jax.models.common import Buffer
+from phase1_jax.models.resnet_bk import ResNetBK
+from phase1_jax.phase1_config import Phase1Config
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+TINY = dict(vocab_size=40, d_model=16, n_layers=2, n_seq=20, num_experts=3, dropout=0.1)
+PHASE1 = Phase1Config(ar_ssm_max_rank=6, ar_ssm_min_rank=2, htt_rank=4, use_gradient_checkpointing=False,
+                      checkpoint_ar_ssm=False)
+TOLERANCE = 1e-5
+TORCH_DTYPES = {"float": torch.float32, "complex64": torch.complex64, "int64": torch.int64}
+
+CASES = {
+    "baseline_reference": ModelConfig(**TINY, numerics="reference", scattering_scale_warmup_steps=4),
+    "baseline_native_causal": ModelConfig(**TINY, numerics="native"),
+    "baseline_native_bidirectional": ModelConfig(**TINY, numerics="native", bk_direction="bidirectional"),
+    "top2_routing": ModelConfig(**TINY, numerics="native", top_k=2),
+    "dense_routing": ModelConfig(**TINY, numerics="reference", top_k=3),
+    "phase1_causal_conv": ModelConfig(**TINY, phase1=PHASE1),
+    "phase1_htt_positions_centered_conv_block1": ModelConfig(
+        **TINY, phase1=PHASE1.replace(htt_position_embedding=True, ar_ssm_layers=(1,), ar_ssm_local_conv="centered",
+                                      lns_enabled=True)),
+}
+
+
+def perturbed_model(config: ModelConfig, seed: int) -> ResNetBK:
+    """A model whose every parameter is randomly moved off its init (zero biases, unit LayerNorm scales, ...).
+
+    Reference numerics also get a 5x larger v_proj so the ±3 potential clamp binds, and counters on both sides of
+    the scattering warm-up. Native numerics get non-uniform Hamiltonian buffers and z, so the twin's b/c/z
+    conventions are checked too.
+    """
+    model = ResNetBK(config, rngs=nnx.Rngs(seed))
+    key = jax.random.key(seed + 1000)
+    params = nnx.state(model, nnx.Param)
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    keys = jax.random.split(key, len(leaves))
+    leaves = [x + 0.2 * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)]
+    nnx.update(model, jax.tree_util.tree_unflatten(treedef, leaves))
+    rng = np.random.default_rng(seed)
+    for index, block in enumerate(model.blocks):
+        bk = block.bk_layer
+        if config.numerics == "reference":
+            bk.v_proj.kernel[...] = 5.0 * bk.v_proj.kernel[...]
+            bk.moe_ffn.scattering_step_counter[...] = jnp.asarray(3 * index, jnp.int32)
+        else:
+            n = config.n_seq
+            bk.h0_diag_base[...] = jnp.asarray(-2.0 + rng.uniform(-0.5, 0.5, (1, n)), jnp.float32)
+            bk.h0_sub_base[...] = jnp.asarray(rng.uniform(0.6, 1.4, (1, n - 1)), jnp.float32)
+            bk.h0_super_base[...] = jnp.asarray(rng.uniform(0.6, 1.4, (1, n - 1)), jnp.float32)
+            bk.z[...] = jnp.asarray(0.3 + 0.8j, jnp.complex64)
+    return model
+
+
+def exported_tensors(model: ResNetBK) -> dict[str, torch.Tensor]:
+    return {key: numpy_to_tensor(value) for key, value in state_dict_from_model(model).items()}
+
+
+def jax_logits(model: ResNetBK, ids: np.ndarray) -> np.ndarray:
+    return np.asarray(jax.jit(lambda m, x: m(x))(model, jnp.asarray(ids, jnp.int32)))
+
+
+def twin_logits(twin: torch.nn.Module, ids: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        return twin(torch.as_tensor(ids, dtype=torch.int64)).numpy()
+
+
+def assert_same_layout(twin_state: dict, exported: dict) -> None:
+    assert list(twin_state) == list(exported)
+    for key, value in exported.items():
+        assert twin_state[key].shape == value.shape, key
+        assert twin_state[key].dtype == value.dtype, key
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_twin_matches_jax_model(name):
+    config = CASES[name]
+    model = perturbed_model(config, seed=len(name))
+    exported = exported_tensors(model)
+    twin = build_torch_twin(config)
+    assert_same_layout(twin.state_dict(), exported)
+    expected = [(m.torch_key, m.torch_shape, TORCH_DTYPES[m.torch_dtype]) for m in model_key_map(config)]
+    assert [(k, tuple(v.shape), v.dtype) for k, v in twin.state_dict().items()] == expected
+    twin.load_state_dict(exported, strict=True)
+    assert not twin.training
+
+    lengths = [config.n_seq] if config.numerics == "reference" else [config.n_seq, 7, 1]
+    rng = np.random.default_rng(0)
+    for length in lengths:
+        ids = rng.integers(0, config.vocab_size, (3, length))
+        want, got = jax_logits(model, ids), twin_logits(twin, ids)
+        assert got.dtype == np.float32 and got.shape == (3, length, config.vocab_size)
+        assert np.abs(got - want).max() <= TOLERANCE, (length, np.abs(got - want).max())
+
+    # Eval mode leaves the state alone: the counters come back as they were exported.
+    for key, value in twin.state_dict().items():
+        if key.endswith("scattering_step_counter"):
+            assert torch.equal(value, exported[key])
+
+
+def test_reference_twin_reproduces_golden_baseline():
+    case_dir = GOLDEN_DIR / "baseline_small"
+    if not (case_dir / "case.json").is_file():
+        pytest.skip(f"golden case not found at {case_dir}")
+    constructor = dict(json.loads((case_dir / "case.json").read_text())["constructor"])
+    if "dropout_p" in constructor:
+        constructor["dropout"] = constructor.pop("dropout_p")
+    config = ModelConfig(**constructor, numerics="reference")
+    state = torch.load(case_dir / "state_dict.pt", weights_only=True)
+    twin = build_torch_twin(config)
+    assert_same_layout(twin.state_dict(), state)
+    twin.load_state_dict(state, strict=True)
+    got = twin_logits(twin, np.load(case_dir / "input_ids.npy"))
+    np.testing.assert_allclose(got, np.load(case_dir / "expected_logits.npy"), atol=TOLERANCE, rtol=0)
+
+
+def test_wrong_lengths_and_bad_ids_raise():
+    reference = build_torch_twin(ModelConfig(**TINY, numerics="reference"))
+    with pytest.raises(ValueError, match=r"n_seq = 20.*got length 7"):
+        reference(torch.zeros(1, 7, dtype=torch.int64))
+    native = build_torch_twin(ModelConfig(**TINY, numerics="native"))
+    with pytest.raises(ValueError, match=r"n_seq = 20; got 21"):
+        native(torch.zeros(1, 21, dtype=torch.int64))
+    with pytest.raises(ValueError, match="token ids must lie in"):
+        native(torch.full((1, 5), 40, dtype=torch.int64))
+    with pytest.raises(ValueError, match="shape"):
+        native(torch.zeros(5, dtype=torch.int64))
+
+
+def test_bk_cores_match_numpy_oracles_including_the_overflow_cliff():
+    rng = np.random.default_rng(3)
+    n = 24
+    a = rng.uniform(-5.0, 1.0, (2, n)).astype(np.float32)
+    b = rng.uniform(0.5, 1.5, n - 1).astype(np.float32)
+    c = rng.uniform(0.5, 1.5, n - 1).astype(np.float32)
+    z = 0.2 + 1.0j
+    args = (torch.from_numpy(a), torch.from_numpy(b), torch.from_numpy(c), torch.tensor(z, dtype=torch.complex64))
+    for twin_fn, oracle in ((reference_resolvent_diagonal, reference_mode_forward_numpy),
+                            (causal_resolvent_diagonal, causal_numpy),
+                            (bidirectional_resolvent_diagonal, bidirectional_numpy)):
+        got = tensor_to_numpy(twin_fn(*args))
+        want = np.asarray(oracle(a, b, c, z))
+        want = want[..., 0] + 1j * want[..., 1] if want.ndim == 3 else want
+        np.testing.assert_allclose(got, want, atol=1e-6, rtol=0, err_msg=twin_fn.__name__)
+
+    # Constant potential v = -3 (diagonal -5): the reference's determinants overflow complex128 from N = 446 on.
+    for length, all_zero in ((445, False), (446, True)):
+        diagonal = torch.full((1, length), -5.0)
+        ones = torch.ones(length - 1)
+        g = reference_resolvent_diagonal(diagonal, ones, ones, torch.tensor(1j, dtype=torch.complex64))
+        assert bool((g == 0).all()) == all_zero
+        assert bool(torch.isfinite(causal_resolvent_diagonal(diagonal, ones, ones, torch.tensor(1j))).all())
+
+
+def test_ar_ssm_rank_mask_follows_current_max_rank():
+    config = CASES["phase1_causal_conv"]
+    model = perturbed_model(config, seed=5)
+    twin = build_torch_twin(config)
+    twin.load_state_dict(exported_tensors(model), strict=True)
+    ids = np.random.default_rng(1).integers(0, config.vocab_size, (2, 9))
+    for block in model.blocks:
+        block.ar_ssm.set_rank(3)
+    for block in twin.blocks:
+        block.ar_ssm.current_max_rank = 3
+    assert np.abs(twin_logits(twin, ids) - jax_logits(model, ids)).max() <= TOLERANCE
