@@ -132,33 +132,33 @@ def test_moe_dense_and_top2_mix_expected_experts():
 
 
 def test_native_gradients_match_finite_differences():
-    """Exact gradients in native mode: directional derivative of the loss vs central differences."""
-    model = make(n_layers=1, d_model=8, n_seq=12)
+    """Exact gradients in native mode: directional derivatives of the loss vs central differences."""
+    # Dense routing: top-k selection is piecewise constant, so finite differences across a switch are meaningless.
+    model = make(n_layers=1, d_model=8, n_seq=12, top_k=4)
     ids = jax.random.randint(jax.random.key(4), (2, 13), 0, 50)
     graphdef, params, buffers = split_model(model)
-    v_proj = params["blocks"][0]["bk_layer"]["v_proj"]["kernel"]
-    # Amplify the potential so the BK branch matters, with v well inside the +-3 clamp.
-    params["blocks"][0]["bk_layer"]["v_proj"]["kernel"] = nnx.Param(v_proj[...] * 3.0)
+    pure = nnx.to_pure_dict(params)
+    # Amplify the potential so the BK branch matters, keeping it inside the +-3 clamp (a kink).
+    bk = pure["blocks"][0]["bk_layer"]
+    bk["v_proj"]["kernel"] = bk["v_proj"]["kernel"] * 1.5
 
-    def loss(p):
-        return cross_entropy(nnx.merge(graphdef, p, buffers)(ids[:, :-1]), ids[:, 1:]).astype(jnp.float32)
+    def loss(tree):
+        state = jax.tree_util.tree_map(lambda x: x, params)
+        nnx.replace_by_pure_dict(state, tree)
+        return cross_entropy(nnx.merge(graphdef, state, buffers)(ids[:, :-1]), ids[:, 1:])
 
-    grads = jax.grad(loss)(params)
-    direction = jax.tree_util.tree_map(lambda x: jax.random.normal(jax.random.key(5), x.shape), params)
-    analytic = sum(jnp.vdot(g, d) for g, d in zip(jax.tree_util.tree_leaves(grads),
-                                                 jax.tree_util.tree_leaves(direction)))
-    eps = 1e-2
-    plus = jax.tree_util.tree_map(lambda p, d: p + eps * d, params, direction)
-    minus = jax.tree_util.tree_map(lambda p, d: p - eps * d, params, direction)
-    numeric = (loss(plus) - loss(minus)) / (2 * eps)
-    np.testing.assert_allclose(float(analytic), float(numeric), rtol=2e-2)
-    # Only the BK potential path: perturb v_proj alone, where the heuristic reference gradient would be off.
-    only_v = jax.tree_util.tree_map(jnp.zeros_like, params)
-    only_v["blocks"][0]["bk_layer"]["v_proj"]["kernel"] = nnx.Param(direction["blocks"][0]["bk_layer"]["v_proj"]["kernel"][...])
-    analytic_v = jnp.vdot(grads["blocks"][0]["bk_layer"]["v_proj"]["kernel"][...],
-                          only_v["blocks"][0]["bk_layer"]["v_proj"]["kernel"][...])
-    eps = 3e-2
-    plus = jax.tree_util.tree_map(lambda p, d: p + eps * d, params, only_v)
-    minus = jax.tree_util.tree_map(lambda p, d: p - eps * d, params, only_v)
-    numeric_v = (loss(plus) - loss(minus)) / (2 * eps)
-    np.testing.assert_allclose(float(analytic_v), float(numeric_v), rtol=3e-2, atol=1e-6)
+    grads = jax.jit(jax.grad(loss))(pure)
+    keys = iter(jax.random.split(jax.random.key(5), 64))
+    # Each leaf moves relative to its own scale (embeddings are ~0.02, matrices ~0.3): a 1% step stays linear.
+    direction = jax.tree_util.tree_map(lambda x: jax.random.normal(next(keys), x.shape) * (jnp.std(x) + 1e-2),
+                                       pure)
+    # The whole model, then the BK potential path alone (where the reference's heuristic gradient would be off).
+    only_v = jax.tree_util.tree_map(jnp.zeros_like, pure)
+    only_v["blocks"][0]["bk_layer"]["v_proj"]["kernel"] = direction["blocks"][0]["bk_layer"]["v_proj"]["kernel"]
+    for d, eps in ((direction, 1e-2), (only_v, 1e-2)):
+        analytic = sum(jnp.vdot(g, x) for g, x in zip(jax.tree_util.tree_leaves(grads),
+                                                      jax.tree_util.tree_leaves(d)))
+        plus = jax.tree_util.tree_map(lambda p, x: p + eps * x, pure, d)
+        minus = jax.tree_util.tree_map(lambda p, x: p - eps * x, pure, d)
+        numeric = (loss(plus) - loss(minus)) / (2 * eps)
+        np.testing.assert_allclose(float(analytic), float(numeric), rtol=2e-2, atol=1e-4)

@@ -4,7 +4,7 @@
 included) and native ones (causal or bidirectional, finite at any length, exact gradients).
 """
 
-from .api import IMPLEMENTATIONS, bk_features
+from .api import IMPLEMENTATIONS, bk_features, resolve
 from .reference import (
     bidirectional_numpy,
     bidirectional_scan_reference,
@@ -35,4 +35,5 @@ __all__ = [
     "reference_mode_features",
     "reference_mode_features_host",
     "reference_mode_forward_numpy",
+    "resolve",
 ]

@@ -2,20 +2,36 @@
 
 from __future__ import annotations
 
+import jax
+
 from . import reference, xla
 
 NUMERICS = ("reference", "native")
 DIRECTIONS = ("causal", "bidirectional")
-IMPLEMENTATIONS = ("xla", "reference")
+IMPLEMENTATIONS = ("xla", "scan", "reference")
 # Named here so that asking for them gives a clear "not yet" instead of "unknown".
 PLANNED_IMPLEMENTATIONS = ("pallas",)
-DEFAULT_IMPLEMENTATION = "xla"
+
+
+
+def default_implementation() -> str:
+    """"scan" on CPU, "xla" elsewhere.
+
+    On a CPU the sequential lax.scan is 20-30x faster than the parallel (recursive-doubling) form and compiles
+    in a fraction of the time; the parallel form is for accelerators, where a sequential loop leaves the chip idle.
+    """
+    return "scan" if jax.default_backend() == "cpu" else "xla"
 
 _TABLE = {
     ("reference", None, "xla"): xla.reference_mode_features,
     ("reference", None, "reference"): reference.reference_mode_features_host,
     ("native", "causal", "xla"): xla.causal_features,
     ("native", "bidirectional", "xla"): xla.bidirectional_features,
+    # Sequential lax.scan in complex64, differentiated by JAX (exact): the fast choice on a CPU. Reference numerics
+    # have no sequential variant, so "scan" uses the log-magnitude (xla) forward there.
+    ("reference", None, "scan"): xla.reference_mode_features,
+    ("native", "causal", "scan"): reference.causal_scan_reference,
+    ("native", "bidirectional", "scan"): reference.bidirectional_scan_reference,
     ("native", "causal", "reference"): reference.causal_scan_reference,
     ("native", "bidirectional", "reference"): reference.bidirectional_scan_reference,
 }
@@ -24,6 +40,20 @@ _TABLE = {
 def _check_choice(argument, value, allowed):
     if value not in allowed:
         raise ValueError(f"{argument}={value!r} is not valid; allowed values: {', '.join(map(repr, allowed))}")
+
+
+def resolve(numerics: str, direction: str = "causal", implementation: str | None = None):
+    """The function `bk_features` would call, f(a, b, c, z) -> features; raises on bad or unavailable names."""
+    _check_choice("numerics", numerics, NUMERICS)
+    _check_choice("direction", direction, DIRECTIONS)
+    if implementation in PLANNED_IMPLEMENTATIONS:
+        raise NotImplementedError(
+            f"implementation={implementation!r} is not available yet; available: {', '.join(map(repr, IMPLEMENTATIONS))}"
+            " (or None for the default)")
+    if implementation is None:
+        implementation = default_implementation()
+    _check_choice("implementation", implementation, IMPLEMENTATIONS + (None,))
+    return _TABLE[(numerics, None if numerics == "reference" else direction, implementation)]
 
 
 def bk_features(a, b, c, z, *, numerics: str, direction: str = "causal", implementation: str | None = None):
@@ -38,18 +68,9 @@ def bk_features(a, b, c, z, *, numerics: str, direction: str = "causal", impleme
       "native"     finite at any length, exact gradients for `a`.
     direction (native only): "causal" gives g_t = [(H_{0..t} - z)^-1]_{tt}, which depends on a_0..a_t only;
       "bidirectional" gives [(H - zI)^-1]_ii, which depends on the whole sequence.
-    implementation: None (the default, "xla"), "xla" (parallel scans) or "reference" (sequential lax.scan for native;
-      for reference numerics, the exact complex128 forward run on the host through a callback: slow).
+    implementation: None (the default: "scan" on CPU, "xla" on accelerators), "xla" (parallel scans), "scan"
+      (sequential lax.scan, exact autodiff gradients) or "reference" (sequential lax.scan for native; for reference
+      numerics, the exact complex128 forward run on the host through a callback: slow).
     b, c and z never receive gradients.
     """
-    _check_choice("numerics", numerics, NUMERICS)
-    _check_choice("direction", direction, DIRECTIONS)
-    if implementation in PLANNED_IMPLEMENTATIONS:
-        raise NotImplementedError(
-            f"implementation={implementation!r} is not available yet; available: {', '.join(map(repr, IMPLEMENTATIONS))}"
-            " (or None for the default)")
-    if implementation is None:
-        implementation = DEFAULT_IMPLEMENTATION
-    _check_choice("implementation", implementation, IMPLEMENTATIONS + (None,))
-    key = (numerics, None if numerics == "reference" else direction, implementation)
-    return _TABLE[key](a, b, c, z)
+    return resolve(numerics, direction, implementation)(a, b, c, z)

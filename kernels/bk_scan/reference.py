@@ -230,12 +230,14 @@ def _couplings(b, c):
     return jnp.concatenate([jnp.zeros((bond.shape[0], 1), bond.dtype), bond], axis=1)
 
 
+@jax.jit
 def causal_scan_reference(a, b=None, c=None, z=1j):
     """Causal resolvent diagonal g_t as features (B, N, 2), by a sequential complex64 lax.scan."""
     a, b, c, z = check_and_broadcast(a, b, c, z)
     return to_features(_continued_fraction_scan(a - z, _couplings(b, c)))
 
 
+@jax.jit
 def bidirectional_scan_reference(a, b=None, c=None, z=1j):
     """Full-matrix diagonal [(H - zI)^-1]_ii as features (B, N, 2), from two sequential complex64 lax.scans."""
     a, b, c, z = check_and_broadcast(a, b, c, z)
@@ -299,6 +301,7 @@ def _reference_mode_host_bwd(residuals, cotangent):
 _reference_mode_host.defvjp(_reference_mode_host_fwd, _reference_mode_host_bwd)
 
 
+@jax.jit
 def reference_mode_features_host(a, b=None, c=None, z=1j):
     """Exact reference forward (complex128 on the host via `jax.pure_callback`), reference heuristic backward.
 

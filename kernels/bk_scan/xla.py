@@ -1,4 +1,4 @@
-"""Fast pure-JAX BK-Core: parallel (associative) scans over normalised 2x2 Möbius matrices, float32 only.
+"""Fast pure-JAX BK-Core: parallel prefix scans over normalised 2x2 Möbius matrices, float32 only.
 
 Notation (REFERENCE_SPEC 1.7): d_i = a_i - z, k_i = b_{i-1} c_{i-1} couples i-1 and i (k_0 = 0). The leading
 principal minors theta_t of H - zI obey theta_{t+1} = d_t theta_t - k_t theta_{t-1}, i.e.
@@ -11,7 +11,9 @@ by an exact power of two and keeps the integer exponent, so it never overflows, 
 the unnormalised determinants in an extended range: that is how reference mode emulates complex128 overflow.
 
 Products are written as explicit elementwise float32 arithmetic on real/imaginary planes (no matmul/einsum), so
-TF32 cannot touch them and the same code maps onto a Pallas kernel.
+TF32 cannot touch them and the same code maps onto a Pallas kernel. The scans use recursive doubling in a
+fori_loop (`_doubling_scan`) rather than `lax.associative_scan`, whose unrolled levels take 2.5-6 s to compile per
+shape on CPU against ~0.35 s here; the price is O(N log N) instead of O(N) work.
 
 Public functions (all jit-able, any B >= 1 and N >= 1; a (B, N) float32; b, c (N-1,) or (B, N-1), None = ones;
 z complex scalar, may be traced; output features (B, N, 2) float32 = [Re G, Im G]):
@@ -35,8 +37,8 @@ from .reference import (
 )
 
 # A float64 result overflows when its magnitude rounds past DBL_MAX = 2**1024 (1 - 2**-53), i.e. reaches 2**1024
-# up to half an ulp; float32 log2 cannot resolve that half ulp, so the test is log2|x| >= 1024.
-FLOAT64_OVERFLOW_LOG2 = 1024
+# less half an ulp; float32 mantissas cannot resolve that half ulp, so the test is |x| >= 2**1024.
+FLOAT64_OVERFLOW_EXPONENT = 1024
 # Exponents applied by bit construction must keep 2**-e a normal float32.
 _MAX_SCALE_EXPONENT = 126
 
@@ -54,6 +56,12 @@ def _cmul_add(xr, xi, yr, yi, ur, ui, vr, vi):
     pr, pi = _cmul(xr, xi, yr, yi)
     qr, qi = _cmul(ur, ui, vr, vi)
     return pr + qr, pi + qi
+
+
+def _cdiv(xr, xi, yr, yi):
+    """x / y on planes, through conj(y) / |y|^2: used where |y| is O(1) (normalised mantissas) or >= Im z."""
+    inverse_norm = 1.0 / (yr * yr + yi * yi)
+    return (xr * yr + xi * yi) * inverse_norm, (xi * yr - xr * yi) * inverse_norm
 
 
 def _power_of_two(exponent):
@@ -85,9 +93,8 @@ def _doubling_scan(combine, elems, *, reverse=False):
 
     combine(earlier, later) must be associative ("earlier" is the element nearer the start of the scan: position
     t - 2**s, or t + 2**s when reverse). O(N log N) work instead of the O(N) of `lax.associative_scan`, but a single
-    compiled combine: `lax.associative_scan` unrolls ~2 log2 N combines that XLA fuses into very large kernels
-    (tens of seconds of CPU compile time at N = 256). Position t only ever reads positions <= t (>= t when reverse),
-    so changing a later input cannot change an earlier output, not even in the last bit.
+    compiled combine, where `lax.associative_scan` unrolls ~2 log2 N of them. Position t only ever reads positions
+    <= t (>= t when reverse), so changing a later input cannot change an earlier output, not even in the last bit.
     """
     n = elems[0].shape[-1]
     positions = jnp.arange(n)
@@ -150,7 +157,7 @@ def _shifted_planes(a, z):
 def _continued_fraction(d_re, d_im, coupling):
     """g_t = 1/(d_t - k_t g_{t-1}) as complex64, by the parallel scan."""
     theta_re, theta_im, next_re, next_im, _ = _mobius_prefix_scan(d_re, d_im, coupling)
-    return lax.complex(theta_re, theta_im) / lax.complex(next_re, next_im)
+    return lax.complex(*_cdiv(theta_re, theta_im, next_re, next_im))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -161,8 +168,10 @@ def _reverse_affine_scan(multiplier, offset):
     """lambda_t = offset_t + multiplier_t lambda_{t+1} (lambda_N = 0) along axis 1, as a parallel scan.
 
     The pair (A, c) stands for x -> c + A x; composing the map at t with the already composed maps after it is
-    associative. |A| <= 1 whenever Im z > 0 and k >= 0 (|k g^2| <= 1), so the running products only shrink; with
-    other inputs a product can only overflow when lambda itself does.
+    associative, and needs no normalisation here: with A_t = conj(k_{t+1} g_{t+1}^2), k >= 0 and Im z > 0,
+    Im g_t = |g_t|^2 (Im z + k_t Im g_{t-1}) gives |A_t| <= Im g_{t+1} / Im g_t, so every product of consecutive
+    factors is bounded by a ratio of two Im g values (single factors are <= 1 when k = 1 and Im z = 1). Products
+    can only grow large when the exact derivative does (k < 0, or Im z -> 0).
     """
     def compose(after, current):
         after_mul, after_off = after
@@ -203,6 +212,7 @@ def _causal_planes_bwd(residuals, cotangents):
 _causal_planes.defvjp(_causal_planes_fwd, _causal_planes_bwd)
 
 
+@jax.jit
 def causal_features(a, b=None, c=None, z=1j):
     """Causal resolvent g_t = [(H_{0..t} - z)^-1]_{tt} = 1/(d_t - k_t g_{t-1}), as features (B, N, 2) float32.
 
@@ -215,6 +225,7 @@ def causal_features(a, b=None, c=None, z=1j):
     return jnp.stack([re, im], axis=-1)
 
 
+@jax.jit
 def bidirectional_features(a, b=None, c=None, z=1j):
     """Full-matrix diagonal G_ii = [(H - zI)^-1]_ii, as features (B, N, 2) float32 (non-causal: uses all of a).
 
@@ -238,17 +249,23 @@ def bidirectional_features(a, b=None, c=None, z=1j):
 # Reference mode: the PyTorch forward in float32, complex128 overflow emulated, heuristic backward.
 # ----------------------------------------------------------------------------------------------------------------
 
-def _log2_abs(x):
-    return jnp.log2(jnp.abs(x))
+def _binary_exponent(x):
+    """floor(log2 x) for x > 0, read from the float32 exponent bits; a very negative number for 0 and NaN."""
+    biased = lax.bitcast_convert_type(x, jnp.int32) >> 23
+    return jnp.where(x > 0, biased - 127, -(1 << 20))
 
 
-def _headroom(exponent):
-    """How many binary orders of magnitude a mantissa-scale value may still grow before float64 overflows."""
-    return (FLOAT64_OVERFLOW_LOG2 - exponent).astype(jnp.float32)
+def _overflows(magnitude, exponent):
+    """Whether magnitude * 2**exponent reaches 2**1024, where float64 overflows; decided on exponents, exactly."""
+    return _binary_exponent(magnitude) + exponent >= FLOAT64_OVERFLOW_EXPONENT
+
+
+def _larger_part(re, im):
+    return jnp.maximum(jnp.abs(re), jnp.abs(im))
 
 
 def _sweep_step_overflows(d_re, d_im, coupling, current, previous, following):
-    """Whether any float64 intermediate of x_{t+1} = d_t*x_t - (c*b)*x_{t-1} reaches 2**1024.
+    """Whether any float64 intermediate of x_{t+1} = d_t*x_t - (c*b)*x_{t-1} overflows.
 
     Each x is (re, im, exponent) with x = (re + i im) 2**exponent. The intermediates of the reference's naive
     complex arithmetic are: the four real products Re/Im d * Re/Im x_t and the two components of d_t x_t;
@@ -258,20 +275,21 @@ def _sweep_step_overflows(d_re, d_im, coupling, current, previous, following):
     prev_re, prev_im, prev_exp = previous
     next_re, next_im, next_exp = following
     prod_re, prod_im = _cmul(d_re, d_im, cur_re, cur_im)
-    largest_current = jnp.maximum(
-        jnp.maximum(jnp.abs(d_re) * jnp.maximum(jnp.abs(cur_re), jnp.abs(cur_im)),
-                    jnp.abs(d_im) * jnp.maximum(jnp.abs(cur_re), jnp.abs(cur_im))),
-        jnp.maximum(jnp.abs(prod_re), jnp.abs(prod_im)))
-    largest_previous = jnp.abs(coupling) * jnp.maximum(jnp.abs(prev_re), jnp.abs(prev_im))
-    largest_following = jnp.maximum(jnp.abs(next_re), jnp.abs(next_im))
-    return ((jnp.log2(largest_current) >= _headroom(cur_exp))
-            | (jnp.log2(largest_previous) >= _headroom(prev_exp))
-            | (jnp.log2(largest_following) >= _headroom(next_exp)))
+    largest_current = jnp.maximum(_larger_part(d_re, d_im) * _larger_part(cur_re, cur_im),
+                                  _larger_part(prod_re, prod_im))
+    return (_overflows(largest_current, cur_exp)
+            | _overflows(jnp.abs(coupling) * _larger_part(prev_re, prev_im), prev_exp)
+            | _overflows(_larger_part(next_re, next_im), next_exp))
 
 
 def _shift_right(x, fill):
     """x[t-1] at position t (fill at t = 0)."""
     return jnp.concatenate([jnp.full_like(x[:, :1], fill), x[:, :-1]], axis=1)
+
+
+def _scale_by_power_of_two(re, im, exponent):
+    scale = _power_of_two(jnp.clip(exponent, -_MAX_SCALE_EXPONENT, _MAX_SCALE_EXPONENT))
+    return re * scale, im * scale
 
 
 def _reference_mode_resolvent(a, b, c, z):
@@ -282,18 +300,20 @@ def _reference_mode_resolvent(a, b, c, z):
     times phi_i / psi_{i+1} (the reference's phi sweep over its true value psi; exactly 1 for uniform b, c),
     times det / (det + 1e-18).
 
-    Overflow cliff (the reference runs in complex128 with unnormalised determinants). With theta, phi and det held
-    as float32 mantissa * 2**integer exponent, an intermediate "overflows" when log2 of its magnitude reaches 1024.
-    The features are zeroed:
+    Overflow cliff (the reference runs in complex128 with unnormalised determinants). theta, phi and det are held
+    as float32 mantissa * 2**integer exponent; an intermediate of the reference's complex128 arithmetic
+    "overflows" when its magnitude, evaluated from those mantissas and exponents, reaches 2**1024 (DBL_MAX rounds
+    up to it). The features are zeroed:
       * for the whole row, if any intermediate of the theta sweep (steps producing theta_2..theta_N, see
         `_sweep_step_overflows`) overflows, since the non-finite value propagates into det; or if the denominator
-        of the complex division (Smith's algorithm: |det|^2 / max(|Re det|, |Im det|)) overflows;
+        of the complex division (Smith's algorithm, as NumPy and torch: |det|^2 / max(|Re det|, |Im det|))
+        overflows, which makes the quotient 0;
       * at positions j <= i, if an intermediate of the phi sweep step producing phi_i overflows (it propagates
         down the sweep);
       * at position i, if a component of the numerator theta_i phi_i (real products or sums) or of Smith's scaled
         numerator (Re/Im of num * conj(det) / max(|Re det|, |Im det|)) overflows.
-    The float32 mantissas carry ~1e-6 relative error, so a case that lands within ~1e-5 of a power-of-two
-    threshold in log2 may go either way; elsewhere the zero pattern is that of complex128.
+    The mantissas carry ~1e-6 relative error, so a case within ~1e-6 (relative) of 2**1024 may go either way;
+    elsewhere the zero pattern is that of complex128.
     """
     batch, n = a.shape
     d_re, d_im = _shifted_planes(a, z)
@@ -307,7 +327,7 @@ def _reference_mode_resolvent(a, b, c, z):
     right_coupling = jnp.concatenate([zero_column, reversed_bond], axis=1)
     # The reference's phi sweep uses the bond one position to the left of the true one; the last entry is never
     # used by the reference and is set so that uniform bonds make both right scans bit-identical.
-    phi_coupling = jnp.concatenate([zero_column, reversed_bond[:, 1:], bond[:, :1]], axis=1)[:, :n]
+    phi_coupling = jnp.concatenate([zero_column, reversed_bond[:, 1:], bond[:, :1]], axis=1)
 
     # One parallel scan over the three sweeps stacked along the batch axis.
     stacked = _mobius_prefix_scan(
@@ -321,24 +341,22 @@ def _reference_mode_resolvent(a, b, c, z):
     ph_re, ph_im, phn_re, phn_im, ph_exp = phi             # (phi_{N-1-s}, phi_{N-2-s})
 
     # Ratio form of the true resolvent diagonal.
-    g_left = lax.complex(th_re, th_im) / lax.complex(thn_re, thn_im)
-    g_right = (lax.complex(ps_re, ps_im) / lax.complex(psn_re, psn_im))[:, ::-1]
-    zero = jnp.zeros_like(g_left[:, :1])
-    from_left = jnp.concatenate([zero, bond * g_left[:, :-1]], axis=1)
-    from_right = jnp.concatenate([bond * g_right[:, 1:], zero], axis=1)
-    g = 1.0 / (lax.complex(d_re, d_im) - from_left - from_right)
+    gl_re, gl_im = _cdiv(th_re, th_im, thn_re, thn_im)
+    gr_re, gr_im = (x[:, ::-1] for x in _cdiv(ps_re, ps_im, psn_re, psn_im))
+    from_left_re = jnp.concatenate([zero_column, bond * gl_re[:, :-1]], axis=1)
+    from_left_im = jnp.concatenate([zero_column, bond * gl_im[:, :-1]], axis=1)
+    from_right_re = jnp.concatenate([bond * gr_re[:, 1:], zero_column], axis=1)
+    from_right_im = jnp.concatenate([bond * gr_im[:, 1:], zero_column], axis=1)
+    g_re, g_im = _cdiv(1.0, 0.0, d_re - from_left_re - from_right_re, d_im - from_left_im - from_right_im)
 
     # phi_i / psi_{i+1}: both are first entries at the same reversed position.
-    sweep_ratio = ((lax.complex(ph_re, ph_im) / lax.complex(ps_re, ps_im))
-                   * _power_of_two(jnp.clip(ph_exp - ps_exp, -_MAX_SCALE_EXPONENT, _MAX_SCALE_EXPONENT)))
-    g = g * sweep_ratio[:, ::-1]
+    ratio_re, ratio_im = _scale_by_power_of_two(*_cdiv(ph_re, ph_im, ps_re, ps_im), ph_exp - ps_exp)
+    g_re, g_im = _cmul(g_re, g_im, ratio_re[:, ::-1], ratio_im[:, ::-1])
 
     # det / (det + eps) = 1 / (1 + eps / det), with eps / det kept in range through the exponent.
     det_re, det_im, det_exp = thn_re[:, -1:], thn_im[:, -1:], th_exp[:, -1:]
-    det_mantissa = lax.complex(det_re, det_im)
-    eps_over_det = (REFERENCE_DET_EPS / det_mantissa) * _power_of_two(
-        jnp.clip(-det_exp, -_MAX_SCALE_EXPONENT, _MAX_SCALE_EXPONENT))
-    g = g / (1.0 + eps_over_det)
+    eps_re, eps_im = _scale_by_power_of_two(*_cdiv(REFERENCE_DET_EPS, 0.0, det_re, det_im), -det_exp)
+    g_re, g_im = _cdiv(g_re, g_im, 1.0 + eps_re, eps_im)
 
     # --- Overflow cliff. ---
     theta_overflow = _sweep_step_overflows(
@@ -347,38 +365,32 @@ def _reference_mode_resolvent(a, b, c, z):
         (_shift_right(th_re, 0.0), _shift_right(th_im, 0.0), _shift_right(th_exp, 0)),
         (thn_re, thn_im, th_exp),
     )[:, 1:]  # steps t = 1..N-1 produce theta_2..theta_N
-    det_abs_sq = det_re * det_re + det_im * det_im
-    det_larger_part = jnp.maximum(jnp.abs(det_re), jnp.abs(det_im))
-    division_overflow = jnp.log2(det_abs_sq / det_larger_part) >= _headroom(det_exp)
+    det_larger = _larger_part(det_re, det_im)
+    division_overflow = _overflows((det_re * det_re + det_im * det_im) / det_larger, det_exp)
     row_zero = jnp.any(theta_overflow, axis=1, keepdims=True) | division_overflow
 
-    rev_d_re, rev_d_im = d_re[:, ::-1], d_im[:, ::-1]
     phi_step_overflow = _sweep_step_overflows(
-        rev_d_re, rev_d_im, phi_coupling,
+        d_re[:, ::-1], d_im[:, ::-1], phi_coupling,
         (ph_re, ph_im, ph_exp),
         (_shift_right(ph_re, 0.0), _shift_right(ph_im, 0.0), _shift_right(ph_exp, 0)),
         (phn_re, phn_im, ph_exp),
     )
     # Steps s = 1..N-2 exist in the reference; step s poisons phi at reversed positions > s.
-    valid_step = (jnp.arange(n) >= 1) & (jnp.arange(n) <= n - 2)
-    phi_step_overflow = phi_step_overflow & valid_step
-    phi_poisoned = _shift_right(lax.cummax(phi_step_overflow.astype(jnp.int32), axis=1), 0) > 0
-    phi_poisoned = phi_poisoned[:, ::-1]
+    steps = jnp.arange(n)
+    phi_step_overflow = phi_step_overflow & (steps >= 1) & (steps <= n - 2)
+    phi_poisoned = _shift_right(lax.cummax(phi_step_overflow.astype(jnp.int32), axis=1), 0)[:, ::-1] > 0
 
     # Numerator theta_i phi_i and Smith's scaled numerator.
     phi_re, phi_im, phi_exp = ph_re[:, ::-1], ph_im[:, ::-1], ph_exp[:, ::-1]
-    num_exp = th_exp + phi_exp
     num_re, num_im = _cmul(th_re, th_im, phi_re, phi_im)
-    theta_larger = jnp.maximum(jnp.abs(th_re), jnp.abs(th_im))
-    phi_larger = jnp.maximum(jnp.abs(phi_re), jnp.abs(phi_im))
     scaled_re, scaled_im = _cmul(num_re, num_im, det_re, -det_im)
     largest_numerator = jnp.maximum(
-        jnp.maximum(theta_larger * phi_larger, jnp.maximum(jnp.abs(num_re), jnp.abs(num_im))),
-        jnp.maximum(jnp.abs(scaled_re), jnp.abs(scaled_im)) / det_larger_part)
-    numerator_overflow = jnp.log2(largest_numerator) >= _headroom(num_exp)
+        jnp.maximum(_larger_part(th_re, th_im) * _larger_part(phi_re, phi_im), _larger_part(num_re, num_im)),
+        _larger_part(scaled_re, scaled_im) / det_larger)
+    numerator_overflow = _overflows(largest_numerator, th_exp + phi_exp)
 
     cliff = row_zero | phi_poisoned | numerator_overflow
-    return _zero_non_finite_and_clip(jnp.where(cliff, 0.0, g))
+    return _zero_non_finite_and_clip(jnp.where(cliff, 0.0, lax.complex(g_re, g_im)))
 
 
 def _zero_non_finite_and_clip(g):
@@ -409,6 +421,7 @@ def _reference_mode_bwd(residuals, cotangent):
 _reference_mode.defvjp(_reference_mode_fwd, _reference_mode_bwd)
 
 
+@jax.jit
 def reference_mode_features(a, b=None, c=None, z=1j):
     """The PyTorch reference BK-Core (REFERENCE_SPEC 1.7/1.8) in float32, without x64, as features (B, N, 2).
 
