@@ -22,19 +22,19 @@ _SMALL_PHASE1 = {"ar_ssm_max_rank": 8, "ar_ssm_min_rank": 2, "ar_ssm_rank_warmup
 
 RUN_PRESETS: dict[str, dict[str, Any]] = {
     "default": {
-        "model": {"vocab_size": 256, "d_model": 64, "n_layers": 3, "n_seq": 128, "num_experts": 4, "top_k": 1,
+        "model": {"vocab_size": 256, "d_model": 64, "n_layers": 4, "n_seq": 128, "num_experts": 4, "top_k": 1,
                   "dropout": 0.0, "numerics": "native",
-                  "phase1": {"ar_ssm_max_rank": 16, "ar_ssm_min_rank": 4, "ar_ssm_rank_warmup_steps": 200,
+                  "phase1": {"ar_ssm_max_rank": 16, "ar_ssm_min_rank": 4, "ar_ssm_rank_warmup_steps": 300,
                              "htt_rank": 16, "use_gradient_checkpointing": False,
                              "checkpoint_ar_ssm": False}},
-        "training": {"batch_size": 16, "steps": 600, "learning_rate": 3e-3, "warmup_steps": 50,
-                     "log_every": 25, "eval_every": 200, "eval_batches": 8},
+        "training": {"batch_size": 16, "steps": 1000, "learning_rate": 3e-3, "warmup_steps": 50,
+                     "log_every": 25, "eval_every": 250, "eval_batches": 8},
     },
     "default-baseline": {
-        "model": {"vocab_size": 256, "d_model": 64, "n_layers": 3, "n_seq": 128, "num_experts": 4, "top_k": 1,
+        "model": {"vocab_size": 256, "d_model": 64, "n_layers": 4, "n_seq": 128, "num_experts": 4, "top_k": 1,
                   "dropout": 0.0, "numerics": "native"},
-        "training": {"batch_size": 16, "steps": 600, "learning_rate": 3e-3, "warmup_steps": 50,
-                     "log_every": 25, "eval_every": 200, "eval_batches": 8},
+        "training": {"batch_size": 16, "steps": 1000, "learning_rate": 3e-3, "warmup_steps": 50,
+                     "log_every": 25, "eval_every": 250, "eval_batches": 8},
     },
     "tiny": {"model": _TINY_MODEL, "training": _TINY_TRAINING},
     "tiny-phase1": {"model": dict(_TINY_MODEL, phase1=_SMALL_PHASE1), "training": _TINY_TRAINING},
