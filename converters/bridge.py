@@ -27,7 +27,8 @@ from phase1_jax.config import ModelConfig, RunConfig
 from phase1_jax.models.resnet_bk import ResNetBK
 from phase1_jax.phase1_config import Phase1Config
 
-from .nnx_bridge import load_state_into, split_module, state_from_module
+from .nnx_bridge import load_state_into, state_from_module
+from phase1_jax.models.common import split_model
 from .state_dict import StateDictMismatchError, model_key_map, stacked_shapes_for
 from .torch_io import load_state_dict, save_state_dict
 
@@ -108,7 +109,7 @@ def import_torch(src: str | Path, out_dir: str | Path, *, allow_code: bool = Fal
     layout = detect_layout(state)
     config = infer_model_config(state, layout, **options)
     model = model_from_torch_state(state, config, layout)
-    _, params, buffers = split_module(model)
+    _, params, buffers = split_model(model)
     path = save_checkpoint(out_dir, RunConfig(model=config), params, buffers, overwrite=overwrite,
                            extra_meta={"torch_layout": layout, "imported_from": str(Path(src).absolute())})
     return path, config, layout

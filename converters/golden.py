@@ -8,8 +8,8 @@ OUT_DIR/<name>.npy for every output that case.json names (OUT_DIR/grads.npz for 
 keyed by state-dict name, as the cases store them).
 
 Kinds: resnet_bk_language_model, holographic_tt_embedding, adaptive_rank_semiseparable_layer,
-bk_stability_monitor. A `checkpoint` entry may replace state_dict.pt for the baseline: a phase1-jax
-checkpoint directory (e.g. one written by `phase1-jax import-torch`).
+bk_stability_monitor. With `--checkpoint DIR` a baseline case runs the model of a phase1-jax checkpoint (for
+example one written by `phase1-jax import-torch` from the case's state_dict.pt) instead of state_dict.pt.
 """
 
 from __future__ import annotations
@@ -25,9 +25,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from phase1_jax.errors import InputValidationError
+from phase1_jax.errors import CheckpointError, InputValidationError
 
-from .nnx_bridge import ar_ssm_key_map, htt_key_map, load_state_into, split_module
+from phase1_jax.models.common import split_model
+
+from .nnx_bridge import ar_ssm_key_map, htt_key_map, load_state_into
 
 Outputs = dict[str, np.ndarray]
 
@@ -45,7 +47,7 @@ def _state(case_dir: Path):
     return load_state_dict(case_dir / "state_dict.pt")
 
 
-def run_baseline(case: dict, case_dir: Path, inputs: dict[str, np.ndarray]) -> Outputs:
+def run_baseline(case: dict, case_dir: Path, inputs: dict[str, np.ndarray], checkpoint: Path | None = None) -> Outputs:
     from phase1_jax.train import cross_entropy
 
     from .resnet_bk import model_from_state_dict
@@ -56,14 +58,19 @@ def run_baseline(case: dict, case_dir: Path, inputs: dict[str, np.ndarray]) -> O
         ctor["dropout"] = ctor.pop("dropout_p")
     overrides = {k: ctor[k] for k in ("top_k", "dropout", "prime_bump_init", "prime_bump_scale",
                                       "scattering_scale", "scattering_scale_warmup_steps") if k in ctor}
-    model = model_from_state_dict(_state(case_dir), **overrides)
+    if checkpoint is not None:
+        from phase1_jax.checkpoint import load_checkpoint
+
+        model = load_checkpoint(checkpoint)[1]
+    else:
+        model = model_from_state_dict(_state(case_dir), **overrides)
     for key in ("vocab_size", "d_model", "n_layers", "n_seq", "num_experts"):
         if key in ctor and getattr(model.config, key) != ctor[key]:
             raise InputValidationError(f"{case_dir}: state_dict.pt has {key} = {getattr(model.config, key)}, "
                                        f"case.json says {ctor[key]}")
     ids = jnp.asarray(inputs["ids"], jnp.int32)
     model.check_input_shape(ids)
-    graphdef, params, buffers = split_module(model)
+    graphdef, params, buffers = split_model(model)
 
     def loss_and_aux(p):
         logits, aux = nnx.merge(graphdef, p, buffers).forward(ids)
@@ -140,7 +147,7 @@ RUNNERS: dict[str, Callable[[dict, Path, dict], Outputs]] = {
 }
 
 
-def run_case(case_dir: str | Path) -> Outputs:
+def run_case(case_dir: str | Path, checkpoint: str | Path | None = None) -> Outputs:
     """Runs one case folder and returns {output name: array} for the outputs case.json names."""
     case_dir = Path(case_dir)
     try:
@@ -150,8 +157,14 @@ def run_case(case_dir: str | Path) -> Outputs:
     kind = case.get("kind")
     if kind not in RUNNERS:
         raise InputValidationError(f"{case_dir}: kind {kind!r} is not supported; supported: {sorted(RUNNERS)}")
+    inputs = _inputs(case_dir, list(case.get("inputs", [])))
     with jax.default_matmul_precision("highest"):
-        outputs = RUNNERS[kind](case, case_dir, _inputs(case_dir, list(case.get("inputs", []))))
+        if checkpoint is not None:
+            if kind != "resnet_bk_language_model":
+                raise InputValidationError(f"--checkpoint applies to resnet_bk_language_model cases, not {kind}")
+            outputs = run_baseline(case, case_dir, inputs, Path(checkpoint))
+        else:
+            outputs = RUNNERS[kind](case, case_dir, inputs)
     unknown = [n for n in case["outputs"] if n not in outputs]
     if unknown:
         raise InputValidationError(f"{case_dir}: outputs {unknown} are not produced by kind {kind}")
@@ -178,10 +191,11 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("case_dir")
     parser.add_argument("out_dir")
+    parser.add_argument("--checkpoint", help="phase1-jax checkpoint to run instead of the case's state_dict.pt")
     args = parser.parse_args(argv)
     try:
-        written = write_outputs(run_case(args.case_dir), args.out_dir)
-    except (InputValidationError, ValueError) as err:
+        written = write_outputs(run_case(args.case_dir, args.checkpoint), args.out_dir)
+    except (ValueError, CheckpointError) as err:  # InputValidationError and converter errors are ValueErrors
         print(f"golden: error: {err}", file=sys.stderr)
         return 2
     for path in written:

@@ -9,18 +9,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from phase1_jax.models.common import Buffer, RankState
+from phase1_jax.models.common import split_model
 
 from .state_dict import (KeyMapping, ar_ssm_rows, check_state_dict, htt_rows, state_dict_to_trees,
                          trees_to_state_dict)
-
-
-def split_module(module: nnx.Module):
-    """(graphdef, params, buffers): the same split as training uses, for any module."""
-    graphdef, params, buffers, rest = nnx.split(module, nnx.Param, (Buffer, RankState), ...)
-    if nnx.to_flat_state(rest):
-        raise TypeError(f"{type(module).__name__} holds variables that are neither Param nor Buffer/RankState")
-    return graphdef, params, buffers
 
 
 def _overlay(base: dict, new: Mapping) -> dict:
@@ -39,7 +31,7 @@ def load_state_into(module: nnx.Module, state: Mapping[str, np.ndarray], mapping
     """
     check_state_dict(state, mapping)
     trees = state_dict_to_trees(state, mapping, stacked_shapes or {})
-    graphdef, params, buffers = split_module(module)
+    graphdef, params, buffers = split_model(module)
     params_pure = _overlay(nnx.to_pure_dict(params), trees["params"])
     buffers_pure = _overlay(nnx.to_pure_dict(buffers), trees["buffers"])
     nnx.replace_by_pure_dict(params, params_pure)
@@ -55,7 +47,7 @@ def _to_numpy(tree: Any) -> Any:
 
 def state_from_module(module: nnx.Module, mapping: list[KeyMapping]) -> "OrderedDict[str, np.ndarray]":
     """The torch-layout state dict of `module` (keys and order of the map)."""
-    _, params, buffers = split_module(module)
+    _, params, buffers = split_model(module)
     trees = {"params": _to_numpy(nnx.to_pure_dict(params)), "buffers": _to_numpy(nnx.to_pure_dict(buffers))}
     return trees_to_state_dict(trees, mapping)
 

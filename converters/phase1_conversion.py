@@ -27,7 +27,7 @@ from phase1_jax.models.htt import HolographicTTEmbedding
 from phase1_jax.models.resnet_bk import ResNetBK
 from phase1_jax.phase1_config import Phase1Config
 
-from .nnx_bridge import split_module
+from phase1_jax.models.common import split_model
 
 
 def _flat(tree) -> dict[str, Any]:
@@ -73,8 +73,8 @@ def _logit_difference(a: ResNetBK, b: ResNetBK, ids: jax.Array) -> dict[str, flo
 def _rebuild(model: ResNetBK, config: ModelConfig, seed: int) -> tuple[ResNetBK, dict]:
     """A new model of `config` holding every parameter/buffer of `model` that it shares (path and shape)."""
     target = ResNetBK(config, rngs=nnx.Rngs(params=seed))
-    graphdef, params, buffers = split_module(target)
-    _, old_params, old_buffers = split_module(model)
+    graphdef, params, buffers = split_model(target)
+    _, old_params, old_buffers = split_model(model)
     new_params, copied_p = copy_matching(nnx.to_pure_dict(old_params), nnx.to_pure_dict(params))
     new_buffers, copied_b = copy_matching(nnx.to_pure_dict(old_buffers), nnx.to_pure_dict(buffers))
     nnx.replace_by_pure_dict(params, new_params)

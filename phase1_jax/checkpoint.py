@@ -27,6 +27,7 @@ from flax import nnx
 from . import __version__
 from .config import RunConfig
 from .errors import CheckpointError
+from .models.common import split_model
 from .models.resnet_bk import ResNetBK
 
 FORMAT_VERSION = 1
@@ -106,8 +107,6 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[RunConfig, ResNetBK]:
         raise CheckpointError(f"{ckpt} has format version {meta['format_version']}; this phase1-jax reads "
                               f"up to {FORMAT_VERSION}")
     abstract_model = nnx.eval_shape(lambda: ResNetBK(config.model, rngs=nnx.Rngs(0)))
-    from .train import split_model  # local import: train imports this module's siblings
-
     graphdef, params, buffers = split_model(abstract_model)
     target = {"params": nnx.to_pure_dict(params), "buffers": nnx.to_pure_dict(buffers)}
     abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, target)

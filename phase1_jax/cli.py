@@ -132,7 +132,7 @@ def _print_report(report: dict) -> None:
 
 def cmd_convert_to_phase1(args: argparse.Namespace) -> int:
     from .checkpoint import load_checkpoint, read_meta, save_checkpoint
-    from .converters.nnx_bridge import split_module
+    from .models.common import split_model
     from .converters.phase1_conversion import convert_to_phase1
     from .phase1_config import Phase1Config, get_preset_config
 
@@ -144,7 +144,7 @@ def cmd_convert_to_phase1(args: argparse.Namespace) -> int:
         phase1 = phase1.replace(**changes)
     model_changes = {"numerics": args.numerics} if args.numerics else {}
     converted, report = convert_to_phase1(model, phase1, **model_changes)
-    _, params, buffers = split_module(converted)
+    _, params, buffers = split_model(converted)
     meta = {"conversion": "to_phase1", "conversion_report": report, "converted_from": str(args.checkpoint)}
     layout = read_meta(args.checkpoint).get("torch_layout")
     if layout:
@@ -157,12 +157,12 @@ def cmd_convert_to_phase1(args: argparse.Namespace) -> int:
 
 def cmd_convert_from_phase1(args: argparse.Namespace) -> int:
     from .checkpoint import load_checkpoint, save_checkpoint
-    from .converters.nnx_bridge import split_module
+    from .models.common import split_model
     from .converters.phase1_conversion import convert_from_phase1
 
     config, model = load_checkpoint(args.checkpoint)
     baseline, report = convert_from_phase1(model, drop_ar_ssm=args.drop_ar_ssm)
-    _, params, buffers = split_module(baseline)
+    _, params, buffers = split_model(baseline)
     save_checkpoint(args.out_dir, type(config)(model=baseline.config, training=config.training, data=config.data),
                     params, buffers, extra_meta={"conversion": "from_phase1", "conversion_report": report,
                                                  "converted_from": str(args.checkpoint)})

@@ -23,7 +23,7 @@ from flax import nnx, struct
 
 from .config import ModelConfig, TrainConfig
 from .data import Batch
-from .models.common import Buffer, RankState
+from .models.common import split_model
 from .models.resnet_bk import ResNetBK
 from .phase1 import stability_summary
 
@@ -39,15 +39,6 @@ class TrainState:
 
 def build_model(config: ModelConfig, seed: int = 0) -> ResNetBK:
     return ResNetBK(config, rngs=nnx.Rngs(params=seed))
-
-
-def split_model(model: ResNetBK) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
-    """(graphdef, params, buffers). Any other variable type would be silently dropped, so refuse it."""
-    graphdef, params, buffers, rest = nnx.split(model, nnx.Param, (Buffer, RankState), ...)
-    leftover = jax.tree_util.tree_leaves(rest)
-    if leftover:
-        raise TypeError(f"model holds variables that are neither Param nor Buffer/RankState: {rest}")
-    return graphdef, params, buffers
 
 
 def learning_rate_schedule(cfg: TrainConfig) -> optax.Schedule:

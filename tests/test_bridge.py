@@ -186,3 +186,25 @@ def test_unwritable_output_path(small_state, tmp_path, capsys):
 
 def test_missing_source_file(tmp_path, capsys):
     _expect_failure(capsys, tmp_path, tmp_path / "nope.pt", "no such file")
+
+
+@pytest.mark.parametrize("case_dir", BASELINE_CASES, ids=lambda c: c.name)
+def test_golden_runner_and_twin_on_imported_checkpoint(case_dir, tmp_path):
+    from phase1_jax.checkpoint import load_checkpoint
+    from phase1_jax.converters.golden import main as golden_main
+    from phase1_jax.converters.torch_twins import build_torch_twin
+
+    ckpt = tmp_path / "ckpt"
+    assert _cli("import-torch", case_dir / "state_dict.pt", ckpt) == 0
+    assert golden_main([str(case_dir), str(tmp_path / "out"), "--checkpoint", str(ckpt)]) == 0
+    np.testing.assert_allclose(np.load(tmp_path / "out" / "logits.npy"), np.load(case_dir / "expected_logits.npy"),
+                               atol=1e-5, rtol=0)
+    # The export loads strictly into the PyTorch twin, which computes the same logits.
+    assert _cli("export-torch", ckpt, tmp_path / "model.pt") == 0
+    config, _ = load_checkpoint(ckpt)
+    twin = build_torch_twin(config.model)
+    twin.load_state_dict(torch.load(tmp_path / "model.pt", weights_only=True), strict=True)
+    ids = np.load(case_dir / "input_ids.npy")
+    with torch.no_grad():
+        logits = twin(torch.from_numpy(ids)).numpy()
+    np.testing.assert_allclose(logits, np.load(case_dir / "expected_logits.npy"), atol=1e-5, rtol=0)

@@ -10,7 +10,7 @@ from flax import nnx
 
 from phase1_jax.cli import main
 from phase1_jax.config import ModelConfig, TrainConfig
-from phase1_jax.converters.nnx_bridge import split_module
+from phase1_jax.models.common import split_model
 from phase1_jax.converters.phase1_conversion import (carry_optimizer_state, convert_from_phase1,
                                                      convert_to_phase1)
 from phase1_jax.errors import InvalidConfigError
@@ -58,8 +58,8 @@ def test_round_trip_dense_embedding_is_exact():
     # The AR-SSM branches are still zero (never trained), so dropping them changes nothing beyond rounding.
     assert report["logit_difference"]["max_abs"] < 1e-5
     # Everything else came back bit for bit.
-    _, p_orig, _ = split_module(model)
-    _, p_back, _ = split_module(back)
+    _, p_orig, _ = split_model(model)
+    _, p_back, _ = split_model(back)
     orig, new = nnx.to_pure_dict(p_orig), nnx.to_pure_dict(p_back)
     np.testing.assert_array_equal(np.asarray(orig["lm_head"]["kernel"]), np.asarray(new["lm_head"]["kernel"]))
     np.testing.assert_array_equal(np.asarray(orig["blocks"][1]["bk_layer"]["moe_ffn"]["w1"]),
@@ -77,12 +77,12 @@ def test_dropping_trained_ar_ssm_reports_the_change():
 def test_optimizer_state_is_carried_where_shapes_allow():
     model = _trained_like()
     optimizer = make_optimizer(TrainConfig())
-    _, params, _ = split_module(model)
+    _, params, _ = split_model(model)
     grads = jax.tree_util.tree_map(lambda x: x * 0 + 0.5, params)
     state = optimizer.init(params)
     _, state = optimizer.update(grads, state, params)
     converted, _ = convert_to_phase1(model, P1)
-    _, new_params, _ = split_module(converted)
+    _, new_params, _ = split_model(converted)
     carried = carry_optimizer_state(state, new_params, optimizer)
     adam = [s for s in jax.tree_util.tree_leaves(carried, is_leaf=lambda x: isinstance(x, optax.ScaleByAdamState))
             if isinstance(s, optax.ScaleByAdamState)][0]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import jax
 from flax import nnx
 
 
@@ -18,3 +19,14 @@ class RankState(nnx.Variable):
 
     Kept as an array rather than a Python int so that changing it never triggers a recompilation.
     """
+
+
+def split_model(module: nnx.Module) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
+    """(graphdef, params, buffers): the split used by training, checkpoints and converters.
+
+    Any other variable type would be silently dropped from checkpoints, so it is refused.
+    """
+    graphdef, params, buffers, rest = nnx.split(module, nnx.Param, (Buffer, RankState), ...)
+    if jax.tree_util.tree_leaves(rest):
+        raise TypeError(f"{type(module).__name__} holds variables that are neither Param nor Buffer/RankState")
+    return graphdef, params, buffers

@@ -104,13 +104,16 @@ class ResNetBKBlock(nnx.Module):
                 local_conv=p1.ar_ssm_local_conv, rngs=rngs)
         else:
             self.ar_ssm = None
+        self.bidirectional = config.bk_direction == "bidirectional"
         self.layer_norm = nnx.LayerNorm(d, epsilon=1e-5, use_fast_variance=False, rngs=rngs)
         self.bk_layer = MoEResNetBKLayer(config, rngs=rngs)
 
     def __call__(self, h: jax.Array, *, dropout_rng: jax.Array | None = None):
         aux: dict[str, Any] = {}
         if self.ar_ssm is not None:
-            mixed, ar_aux = self.ar_ssm(self.ar_ssm_norm(h))
+            # An encoder (bidirectional BK-Core) mixes in both directions; a causal LM only looks back.
+            mix = self.ar_ssm.bidirectional if self.bidirectional else self.ar_ssm
+            mixed, ar_aux = mix(self.ar_ssm_norm(h))
             h = h + mixed.astype(h.dtype)
             aux.update({f"ar_ssm_{k}": val for k, val in ar_aux.items()})
         out, bk_aux = self.bk_layer(self.layer_norm(h), dropout_rng=dropout_rng)
