@@ -84,7 +84,7 @@ def save_checkpoint(directory: str | os.PathLike, config: RunConfig, params: nnx
 
 def resolve_checkpoint_dir(path: str | os.PathLike) -> Path:
     """Accepts a checkpoint directory or a run directory holding `checkpoint/`."""
-    path = Path(path)
+    path = Path(path).absolute()  # Orbax accepts absolute paths only
     for candidate in (path, path / "checkpoint"):
         if (candidate / STATE_DIR).is_dir() and (candidate / CONFIG_FILE).is_file():
             return candidate

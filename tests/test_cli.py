@@ -72,3 +72,10 @@ def test_invalid_config_names_the_field(tmp_path, capsys):
 def test_text_source_needs_byte_vocab(tmp_path, capsys):
     assert main(["train", "--preset", "tiny", "--set", "model.vocab_size=100", "--out", str(tmp_path / "r")]) == 2
     assert "model.vocab_size" in capsys.readouterr().err
+
+
+def test_relative_paths_work(tiny_run, tmp_path, monkeypatch):
+    monkeypatch.chdir(tiny_run.parent)
+    np.save(tmp_path / "ids.npy", np.zeros((1, 8), np.int64))
+    assert main(["logits", tiny_run.name, "--ids", str(tmp_path / "ids.npy"), "--out", "rel_logits.npy"]) == 0
+    assert (tiny_run.parent / "rel_logits.npy").exists()

@@ -1,0 +1,81 @@
+"""Block sizes of the AR-SSM Pallas scan.
+
+A program of the kernel owns one batch row, one block of `block_r` rank columns and one segment of the time axis,
+and walks its segment in tiles of `block_t` time steps: local inclusive cumsum of the tile (float32), plus a
+Kahan-compensated running carry between tiles. Segments exist only to give the GPU enough programs when
+B * ceil(R / block_r) is small: with S > 1 segments a first light pass sums each segment (float32, compensated) and
+the carries between segments are an exclusive scan of S numbers. Rounding therefore grows with block_t (the local
+sum), not with L: float32 stays sound at L = 65,536 and beyond.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+# Programs wanted in flight: about two per streaming multiprocessor of an H100 (132 SMs); smaller cards just run
+# more waves.
+TARGET_PROGRAMS = 264
+
+
+def _is_power_of_two(n: int) -> bool:
+    return n >= 1 and (n & (n - 1)) == 0
+
+
+@dataclasses.dataclass(frozen=True)
+class ArSsmScanConfig:
+    block_t: int = 64
+    block_r: int = 32
+    # None: chosen from the shape (enough programs for the GPU); an int: that many segments (clipped to L/block_t).
+    num_segments: int | None = None
+    num_warps: int = 4
+    num_stages: int = 2
+
+    def __post_init__(self):
+        for name in ("block_t", "block_r"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or not _is_power_of_two(value):
+                raise ValueError(f"ArSsmScanConfig.{name} must be a power of two >= 1, got {value!r}")
+        if self.num_segments is not None and (not isinstance(self.num_segments, int) or self.num_segments < 1):
+            raise ValueError(f"ArSsmScanConfig.num_segments must be None or an int >= 1, got {self.num_segments!r}")
+        if self.num_warps not in (1, 2, 4, 8, 16):
+            raise ValueError(f"ArSsmScanConfig.num_warps must be 1, 2, 4, 8 or 16, got {self.num_warps!r}")
+        if not isinstance(self.num_stages, int) or self.num_stages < 1:
+            raise ValueError(f"ArSsmScanConfig.num_stages must be an int >= 1, got {self.num_stages!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """The launch geometry for one (B, L, R) shape: segments of seg_len steps (a multiple of block_t)."""
+    num_segments: int
+    seg_len: int
+    num_col_blocks: int
+
+
+def default_config(batch: int, length: int, rank: int) -> ArSsmScanConfig:
+    """Block sizes for a shape; the segment count is left to `layout` (None)."""
+    block_r = min(32, 1 << max(0, (rank - 1).bit_length()))
+    block_t = 64 if block_r >= 32 else 128
+    return ArSsmScanConfig(block_t=block_t, block_r=block_r)
+
+
+def layout(config: ArSsmScanConfig, batch: int, length: int, rank: int) -> Layout:
+    col_blocks = -(-rank // config.block_r)
+    tiles = -(-length // config.block_t)
+    if config.num_segments is None:
+        wanted = -(-TARGET_PROGRAMS // max(1, batch * col_blocks))
+    else:
+        wanted = config.num_segments
+    segments = max(1, min(wanted, tiles))
+    seg_len = -(-tiles // segments) * config.block_t
+    segments = -(-length // seg_len)
+    return Layout(num_segments=max(1, segments), seg_len=seg_len, num_col_blocks=col_blocks)
+
+
+def describe(config: ArSsmScanConfig, batch: int, length: int, rank: int) -> str:
+    lay = layout(config, batch, length, rank)
+    return (f"block_t={config.block_t} block_r={config.block_r} segments={lay.num_segments} "
+            f"seg_len={lay.seg_len} programs={batch * lay.num_segments * lay.num_col_blocks} "
+            f"warps={config.num_warps} stages={config.num_stages}")
+
+
+__all__ = ["ArSsmScanConfig", "Layout", "TARGET_PROGRAMS", "default_config", "describe", "layout"]
