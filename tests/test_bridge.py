@@ -208,3 +208,35 @@ def test_golden_runner_and_twin_on_imported_checkpoint(case_dir, tmp_path):
     with torch.no_grad():
         logits = twin(torch.from_numpy(ids)).numpy()
     np.testing.assert_allclose(logits, np.load(case_dir / "expected_logits.npy"), atol=1e-5, rtol=0)
+
+
+def test_past_the_overflow_cliff_through_the_cli(tmp_path):
+    """A reference checkpoint at n_seq = 1024 (random potentials overflow complex128 there): import-torch +
+    logits agree with the PyTorch twin, which runs the reference's complex128 recurrences literally."""
+    import jax
+    from flax import nnx
+
+    from phase1_jax.config import ModelConfig
+    from phase1_jax.converters.resnet_bk import state_dict_from_model
+    from phase1_jax.converters.torch_io import numpy_to_tensor
+    from phase1_jax.converters.torch_twins import build_torch_twin
+    from phase1_jax.models.resnet_bk import ResNetBK
+
+    config = ModelConfig(vocab_size=30, d_model=8, n_layers=1, n_seq=1024, num_experts=2, top_k=2,
+                         numerics="reference")
+    model = ResNetBK(config, rngs=nnx.Rngs(0))
+    # Large potentials: the v_proj weights scaled up so v spans the +-3 clamp.
+    model.blocks[0].bk_layer.v_proj.kernel[...] = model.blocks[0].bk_layer.v_proj.kernel[...] * 20
+    state = OrderedDict((k, numpy_to_tensor(v)) for k, v in state_dict_from_model(model).items())
+    torch.save(state, tmp_path / "long.pt")
+    assert _cli("import-torch", tmp_path / "long.pt", tmp_path / "ckpt", "--top-k", "2") == 0
+    ids = np.random.default_rng(1).integers(0, 30, size=(2, 1024))
+    np.save(tmp_path / "ids.npy", ids)
+    assert _cli("logits", tmp_path / "ckpt", "--ids", tmp_path / "ids.npy", "--out", tmp_path / "l.npy") == 0
+    twin = build_torch_twin(config)
+    twin.load_state_dict(state, strict=True)
+    with torch.no_grad():
+        expected = twin(torch.from_numpy(ids)).numpy()
+    np.testing.assert_allclose(np.load(tmp_path / "l.npy"), expected, atol=1e-5, rtol=0)
+    _, aux = jax.jit(lambda m, x: m.forward(x))(model, ids)
+    assert not np.any(np.asarray(aux["blocks"][0]["bk_features"]))  # the cliff: every feature is 0
