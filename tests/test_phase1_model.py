@@ -113,8 +113,10 @@ def test_gradient_checkpointing_changes_nothing_numerically():
     (l0, _), g0 = results[0]
     (l1, _), g1 = results[1]
     assert float(l0) == pytest.approx(float(l1), rel=1e-6)
+    # Recomputation may fuse differently, so allow float32 rounding relative to each gradient's scale.
     for a, b in zip(jax.tree_util.tree_leaves(g0), jax.tree_util.tree_leaves(g1)):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+        a, b = np.asarray(a), np.asarray(b)
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 * max(np.abs(b).max(), 1e-30))
 
 
 def test_training_step_reports_stability_metrics():
