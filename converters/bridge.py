@@ -24,11 +24,11 @@ from flax import nnx
 
 from phase1_jax.checkpoint import load_checkpoint, read_meta, save_checkpoint
 from phase1_jax.config import ModelConfig, RunConfig
+from phase1_jax.models.common import split_model
 from phase1_jax.models.resnet_bk import ResNetBK
 from phase1_jax.phase1_config import Phase1Config
 
 from .nnx_bridge import load_state_into, state_from_module
-from phase1_jax.models.common import split_model
 from .state_dict import StateDictMismatchError, model_key_map, stacked_shapes_for
 from .torch_io import load_state_dict, save_state_dict
 

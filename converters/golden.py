@@ -26,7 +26,6 @@ import numpy as np
 from flax import nnx
 
 from phase1_jax.errors import CheckpointError, InputValidationError
-
 from phase1_jax.models.common import split_model
 
 from .nnx_bridge import ar_ssm_key_map, htt_key_map, load_state_into

@@ -11,8 +11,7 @@ from flax import nnx
 
 from phase1_jax.models.common import split_model
 
-from .state_dict import (KeyMapping, ar_ssm_rows, check_state_dict, htt_rows, state_dict_to_trees,
-                         trees_to_state_dict)
+from .state_dict import KeyMapping, ar_ssm_rows, check_state_dict, htt_rows, state_dict_to_trees, trees_to_state_dict
 
 
 def _overlay(base: dict, new: Mapping) -> dict:

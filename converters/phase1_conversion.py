@@ -23,11 +23,10 @@ from flax import nnx
 
 from phase1_jax.config import ModelConfig
 from phase1_jax.errors import InvalidConfigError
+from phase1_jax.models.common import split_model
 from phase1_jax.models.htt import HolographicTTEmbedding
 from phase1_jax.models.resnet_bk import ResNetBK
 from phase1_jax.phase1_config import Phase1Config
-
-from phase1_jax.models.common import split_model
 
 
 def _flat(tree) -> dict[str, Any]:

@@ -12,7 +12,7 @@ from phase1_jax.config import ModelConfig
 from phase1_jax.models.resnet_bk import ResNetBK
 
 from .nnx_bridge import load_state_into, state_from_module
-from .state_dict import model_key_map, infer_baseline_config, stacked_shapes_for
+from .state_dict import infer_baseline_config, model_key_map, stacked_shapes_for
 
 
 def model_from_state_dict(state: Mapping[str, np.ndarray], config: ModelConfig | None = None,

@@ -132,8 +132,8 @@ def _print_report(report: dict) -> None:
 
 def cmd_convert_to_phase1(args: argparse.Namespace) -> int:
     from .checkpoint import load_checkpoint, read_meta, save_checkpoint
-    from .models.common import split_model
     from .converters.phase1_conversion import convert_to_phase1
+    from .models.common import split_model
     from .phase1_config import Phase1Config, get_preset_config
 
     config, model = load_checkpoint(args.checkpoint)
@@ -157,8 +157,8 @@ def cmd_convert_to_phase1(args: argparse.Namespace) -> int:
 
 def cmd_convert_from_phase1(args: argparse.Namespace) -> int:
     from .checkpoint import load_checkpoint, save_checkpoint
-    from .models.common import split_model
     from .converters.phase1_conversion import convert_from_phase1
+    from .models.common import split_model
 
     config, model = load_checkpoint(args.checkpoint)
     baseline, report = convert_from_phase1(model, drop_ar_ssm=args.drop_ar_ssm)

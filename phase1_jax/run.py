@@ -17,8 +17,15 @@ import jax
 
 from .checkpoint import save_checkpoint
 from .config import RunConfig
-from .data import (BatchIterator, corpus_fingerprint, eval_batches, load_tokens, train_val_split,
-                   unigram_entropy_nats, validate_token_range)
+from .data import (
+    BatchIterator,
+    corpus_fingerprint,
+    eval_batches,
+    load_tokens,
+    train_val_split,
+    unigram_entropy_nats,
+    validate_token_range,
+)
 from .errors import CheckpointError, InvalidConfigError
 from .train import train_loop
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from phase1_jax.config import ModelConfig, TrainConfig
+from phase1_jax.config import TrainConfig
 from phase1_jax.data import Batch
 from phase1_jax.phase1 import collect_phase1_diagnostics, create_phase1_model, phase1_components
 from phase1_jax.phase1_config import Phase1Config

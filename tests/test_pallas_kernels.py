@@ -1,0 +1,243 @@
+"""Pallas kernels (AR-SSM scan, BK-Core scans, LNS matmul) against their references.
+
+On a CPU the kernels run in the Pallas interpreter (interpret=True): the same kernel bodies, executed by XLA.
+On a CUDA GPU the same tests run the compiled Triton kernels (tests/test_kernels_gpu.py adds long-sequence and
+speed-independent GPU checks). Block sizes are small here so that every case has at least three blocks of every
+kind (time tiles, rank blocks, segments, chunks, lanes) and odd lengths leave partial blocks.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from phase1_jax.kernels import _pallas_backend
+from phase1_jax.kernels.ar_ssm_scan import ar_ssm_scan, ar_ssm_scan_reference
+from phase1_jax.kernels.ar_ssm_scan.config import ArSsmScanConfig, layout
+from phase1_jax.kernels.ar_ssm_scan.pallas import ar_ssm_scan_pallas
+from phase1_jax.kernels.bk_scan import (bidirectional_numpy, bidirectional_scan_reference, bk_features,
+                                        causal_numpy, causal_scan_reference)
+from phase1_jax.kernels.bk_scan.config import BkScanConfig
+from phase1_jax.kernels.bk_scan.pallas import bidirectional_features_pallas, causal_features_pallas
+from phase1_jax.kernels.lns_matmul import lns_matmul, reference as lns_reference, to_lns
+from phase1_jax.kernels.lns_matmul.pallas import LnsMatmulConfig, lns_matmul_pallas
+
+ON_GPU = jax.default_backend() == "gpu"
+INTERPRET = not ON_GPU
+pytestmark = pytest.mark.filterwarnings(f"ignore:{_pallas_backend.TRITON_DEPRECATION}:DeprecationWarning")
+
+
+def rel_err(x, y):
+    """max |x - y| / max |y| in float64."""
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    return float(np.abs(x - y).max() / max(np.abs(y).max(), 1e-30))
+
+
+def elementwise_rel_err(features, exact):
+    f = np.asarray(features, np.float64)
+    return float(np.max(np.abs(f[..., 0] + 1j * f[..., 1] - exact) / np.abs(exact)))
+
+
+# ---------------------------------------------------------------------------------------------------- AR-SSM
+
+def ar_inputs(shape, dtype=jnp.float32, seed=0):
+    rng = np.random.default_rng(seed)
+    u, v, ct = (rng.standard_normal(shape) for _ in range(3))
+    g = rng.uniform(0.0, 1.0, shape)
+    return tuple(jnp.asarray(x, dtype) for x in (u, v, g, ct))
+
+
+def numpy_scan(u, v, g, reverse):
+    u, v, g = (np.asarray(x, np.float64) for x in (u, v, g))
+    a = u * g
+    k = np.cumsum(a[:, ::-1], axis=1)[:, ::-1] if reverse else np.cumsum(a, axis=1)
+    return k * (v * g)
+
+
+# 37 steps in tiles of 8 (5 tiles, the last partial), 5 rank columns in blocks of 2 (3 blocks, the last partial);
+# segments: 3 (each with 2 tiles), or 1.
+AR_CASES = [(ArSsmScanConfig(block_t=8, block_r=2, num_segments=3), False),
+            (ArSsmScanConfig(block_t=8, block_r=2, num_segments=3), True),
+            (ArSsmScanConfig(block_t=8, block_r=2, num_segments=1), False),
+            (ArSsmScanConfig(block_t=8, block_r=2, num_segments=1), True)]
+
+
+@pytest.mark.parametrize("config, reverse", AR_CASES)
+def test_ar_ssm_values_and_grads_match_reference(config, reverse):
+    u, v, g, ct = ar_inputs((2, 37, 5), seed=int(reverse) + 2 * (config.num_segments or 0))
+    lay = layout(config, 2, 37, 5)
+    assert lay.num_col_blocks >= 3 and -(-37 // config.block_t) >= 3
+
+    @jax.jit
+    def run(u, v, g, ct):
+        out, vjp = jax.vjp(lambda *x: ar_ssm_scan_pallas(*x, reverse=reverse, config=config, interpret=INTERPRET),
+                           u, v, g)
+        ref, ref_vjp = jax.vjp(lambda *x: ar_ssm_scan_reference(*x, reverse=reverse), u, v, g)
+        return out, vjp(ct), ref, ref_vjp(ct)
+
+    out, grads, ref, ref_grads = run(u, v, g, ct)
+    assert out.shape == u.shape and out.dtype == jnp.float32
+    assert rel_err(out, numpy_scan(u, v, g, reverse)) <= 2e-5
+    assert rel_err(out, ref) <= 2e-5
+    for got, want in zip(grads, ref_grads):
+        assert got.dtype == jnp.float32 and rel_err(got, want) <= 2e-5
+
+
+def test_ar_ssm_bf16_error_is_bounded_by_the_reference_bf16_error():
+    u, v, g, ct = ar_inputs((2, 300, 8), jnp.bfloat16, seed=5)
+    config = ArSsmScanConfig(block_t=16, block_r=4, num_segments=3)
+
+    @jax.jit
+    def run(u, v, g, ct):
+        kernel = lambda *x: ar_ssm_scan_pallas(*x, config=config, interpret=INTERPRET)  # noqa: E731
+        out, vjp = jax.vjp(kernel, u, v, g)
+        ref, ref_vjp = jax.vjp(ar_ssm_scan_reference, u, v, g)
+        f32 = [x.astype(jnp.float32) for x in (u, v, g)]
+        exact, exact_vjp = jax.vjp(ar_ssm_scan_reference, *f32)
+        return out, vjp(ct), ref, ref_vjp(ct), exact, exact_vjp(ct.astype(jnp.float32))
+
+    out, grads, ref, ref_grads, exact, exact_grads = run(u, v, g, ct)
+    assert out.dtype == jnp.bfloat16 and all(x.dtype == jnp.bfloat16 for x in grads)
+    # float32 accumulation: within 1.5x of the error the reference makes by rounding the answer... and far below.
+    assert rel_err(out, exact) <= 1.5 * rel_err(ref, exact)
+    assert rel_err(out, exact) <= 1e-2
+    for got, want, exact_grad in zip(grads, ref_grads, exact_grads):
+        assert rel_err(got, exact_grad) <= 1.5 * rel_err(want, exact_grad)
+
+
+def test_ar_ssm_long_sequence_is_sound_in_float32():
+    # L = 65,536 with a positive drift (partial sums grow like t): local tile sums plus compensated carries keep
+    # the error under 1e-6 of max|ctx|; a plain sequential float32 cumsum (np.cumsum) is off by 2.8e-6 here.
+    rng = np.random.default_rng(7)
+    shape = (1, 65536, 2)
+    u = jnp.asarray(rng.standard_normal(shape) + 0.5, jnp.float32)
+    v = jnp.asarray(rng.standard_normal(shape), jnp.float32)
+    g = jnp.asarray(rng.uniform(0, 1, shape), jnp.float32)
+    config = ArSsmScanConfig(block_t=256, block_r=2, num_segments=4)
+    for reverse in (False, True):
+        out = jax.jit(lambda u, v, g: ar_ssm_scan_pallas(u, v, g, reverse=reverse, config=config,
+                                                         interpret=INTERPRET))(u, v, g)
+        assert rel_err(out, numpy_scan(u, v, g, reverse)) <= 1e-6
+
+
+# ------------------------------------------------------------------------------------------------------- BK
+
+BK_CONFIG = BkScanConfig(chunk=8, vector=4, lanes=4, carry_rows=2, carry_vector=2)
+
+
+def bk_case(seed, batch=3, n=37, coupled=True):
+    rng = np.random.default_rng(seed)
+    a = (np.float32(-2.0) + rng.uniform(-3, 3, (batch, n))).astype(np.float32)
+    if not coupled:
+        return a, None, None
+    b = rng.uniform(0.5, 1.5, n - 1).astype(np.float32)
+    c = rng.uniform(0.5, 1.5, n - 1).astype(np.float32)
+    return a, b, c
+
+
+@pytest.mark.parametrize("direction", ["causal", "bidirectional"])
+@pytest.mark.parametrize("coupled", [False, True])
+def test_bk_values_and_grads_match_references(direction, coupled):
+    # N = 37 in chunks of 8 (5 chunks, the last partial), 3 rows: 15 lanes in programs of 4, carries 2 rows at a time.
+    a, b, c = bk_case(11 + coupled, coupled=coupled)
+    z = 0.25 + 1.0j
+    kernel = causal_features_pallas if direction == "causal" else bidirectional_features_pallas
+    scan = causal_scan_reference if direction == "causal" else bidirectional_scan_reference
+    oracle = causal_numpy if direction == "causal" else bidirectional_numpy
+    weights = jnp.asarray(np.random.default_rng(3).standard_normal((*a.shape, 2)), jnp.float32)
+
+    @jax.jit
+    def run(a):
+        out, vjp = jax.vjp(lambda x: kernel(x, b, c, z, config=BK_CONFIG, interpret=INTERPRET), a)
+        ref, ref_vjp = jax.vjp(lambda x: scan(x, b, c, z), a)
+        return out, vjp(weights)[0], ref_vjp(weights)[0]
+
+    out, grad, ref_grad = run(jnp.asarray(a))
+    assert out.shape == (*a.shape, 2) and out.dtype == jnp.float32
+    assert elementwise_rel_err(out, oracle(a, b, c, z)) <= 1e-5
+    assert rel_err(grad, ref_grad) <= 2e-5
+
+
+def test_bk_long_sequence_accuracy_against_float64():
+    # Random, growing and near-singular potentials (one row each) at z = i, and a band-edge row.
+    n = 16384
+    rng = np.random.default_rng(17)
+    rows = [np.float32(-2.0) + rng.uniform(-3, 3, n),
+            np.float32(-2.0) + np.linspace(0.0, 1000.0, n),
+            np.full(n, -2.0) + rng.uniform(-1e-3, 1e-3, n),
+            np.full(n, 2.0)]
+    a = np.stack(rows).astype(np.float32)
+    out = jax.jit(lambda a: causal_features_pallas(a, interpret=INTERPRET))(a)
+    assert elementwise_rel_err(out, causal_numpy(a)) <= 1e-5
+    out = jax.jit(lambda a: bidirectional_features_pallas(a, interpret=INTERPRET))(a)
+    assert elementwise_rel_err(out, bidirectional_numpy(a)) <= 1e-5
+
+
+def test_bk_single_step_and_huge_potentials():
+    # N = 1 (one padded chunk) and |a| ~ 1e4, where the renormalisation bound of the config is reached.
+    a1 = np.array([[-1.5], [0.25]], np.float32)
+    out = causal_features_pallas(a1, config=BK_CONFIG, interpret=INTERPRET)
+    assert elementwise_rel_err(out, causal_numpy(a1)) <= 1e-6
+    a = np.random.default_rng(5).uniform(-1e4, 1e4, (2, 41)).astype(np.float32)
+    out = causal_features_pallas(a, config=BK_CONFIG, interpret=INTERPRET)
+    assert np.all(np.isfinite(np.asarray(out)))
+    assert elementwise_rel_err(out, causal_numpy(a)) <= 1e-5
+
+
+# ------------------------------------------------------------------------------------------------------ LNS
+
+def test_lns_kernel_matches_reference_and_matmul():
+    rng = np.random.default_rng(23)
+    a = rng.standard_normal((37, 29)).astype(np.float32)
+    b = rng.standard_normal((29, 19)).astype(np.float32)
+    a[3, 4] = 0.0
+    b[5, :] = 0.0
+    a[7] = a[7, 0]  # ties inside a row of A
+    la, sa = to_lns(a)
+    lb, sb = to_lns(b)
+    config = LnsMatmulConfig(block_m=16, block_n=8, block_k=8)  # 3 x 3 output tiles, 4 K blocks (last partial)
+    max_log = lns_matmul_pallas(la, sa, lb, sb, algorithm="max_log", config=config, interpret=INTERPRET)
+    np.testing.assert_array_equal(np.asarray(max_log), np.asarray(lns_reference.max_log_matmul(la, sa, lb, sb)))
+    exact = lns_matmul_pallas(la, sa, lb, sb, algorithm="exact", config=config, interpret=INTERPRET)
+    want = np.asarray(a, np.float64) @ np.asarray(b, np.float64)
+    assert rel_err(exact, want) <= 1e-5
+
+
+# ------------------------------------------------------------------------------------------ dispatch, lowering
+
+@pytest.mark.skipif(ON_GPU, reason="CPU dispatch behaviour")
+def test_explicit_pallas_is_a_clear_error_on_cpu_and_defaults_stay_xla():
+    u, v, g, _ = ar_inputs((1, 9, 2))
+    with pytest.raises(_pallas_backend.PallasUnavailableError, match="pallas.*not available.*CUDA GPU"):
+        ar_ssm_scan(u, v, g, implementation="pallas")
+    with pytest.raises(NotImplementedError, match="interpret=True"):
+        ar_ssm_scan_pallas(u, v, g)
+    with pytest.raises(_pallas_backend.PallasUnavailableError, match="'xla'"):
+        bk_features(np.zeros((1, 4), np.float32), None, None, 1j, numerics="native", implementation="pallas")
+    la, sa = to_lns(np.ones((2, 3), np.float32))
+    with pytest.raises(_pallas_backend.PallasUnavailableError):
+        lns_matmul(la, sa, la.T, sa.T, implementation="pallas")
+    assert not _pallas_backend.default_is_pallas("ar_ssm_scan")  # no warning either: XLA is the CPU default
+
+
+@pytest.mark.skipif(ON_GPU, reason="lowers for CUDA from a machine without a GPU")
+def test_every_kernel_lowers_to_triton_for_cuda(monkeypatch):
+    # Catches Pallas -> Triton lowering errors (unsupported primitives, shapes) in CI without a GPU. jaxlib 0.10
+    # embeds the Triton IR without compiling it; PTX compilation happens on the GPU (tests/test_kernels_gpu.py).
+    monkeypatch.setattr(_pallas_backend, "require", lambda *args, **kwargs: None)
+    f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)  # noqa: E731
+
+    def loss_ar(u, v, g):
+        return jnp.sum(ar_ssm_scan_pallas(u, v, g, reverse=True, config=ArSsmScanConfig(num_segments=4)))
+
+    def loss_bk(a, b):
+        return jnp.sum(causal_features_pallas(a, b, b)) + jnp.sum(bidirectional_features_pallas(a))
+
+    def lns(la, sa, lb, sb):
+        return [lns_matmul_pallas(la, sa, lb, sb, algorithm=alg) for alg in ("max_log", "exact")]
+
+    for fn, args, kernels in [(jax.grad(loss_ar, (0, 1, 2)), (f32(2, 300, 40),) * 3, 4),
+                              (jax.grad(loss_bk), (f32(3, 1000), f32(999)), 18),
+                              (lns, (f32(40, 30), f32(40, 30), f32(30, 20), f32(30, 20)), 2)]:
+        text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+        assert text.count("triton") >= kernels
