@@ -75,6 +75,26 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _save_npy_atomic(path: Path, array) -> None:
+    """np.save into a temporary sibling, then rename: a failure never leaves a truncated file."""
+    import os
+    import tempfile
+
+    import numpy as np
+
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.absolute().parent, prefix=f".{path.name}.", suffix=".partial")
+    except OSError as err:
+        raise InputValidationError(f"cannot write {path}: {err}") from err
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            np.save(fh, array)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 def cmd_logits(args: argparse.Namespace) -> int:
     import jax
     import numpy as np
@@ -94,8 +114,9 @@ def cmd_logits(args: argparse.Namespace) -> int:
     model.check_input_shape(ids)
     with jax.default_matmul_precision("highest"):
         logits = jax.jit(lambda m, x: m(x, inference=True))(model, jax.numpy.asarray(ids, jax.numpy.int32))
-    np.save(args.out, np.asarray(logits, np.float32))
-    print(f"wrote logits {tuple(logits.shape)} to {args.out}")
+    out = Path(args.out)
+    _save_npy_atomic(out, np.asarray(logits, np.float32))
+    print(f"wrote logits {tuple(logits.shape)} to {out}")
     return 0
 
 
