@@ -79,3 +79,18 @@ def test_relative_paths_work(tiny_run, tmp_path, monkeypatch):
     np.save(tmp_path / "ids.npy", np.zeros((1, 8), np.int64))
     assert main(["logits", tiny_run.name, "--ids", str(tmp_path / "ids.npy"), "--out", "rel_logits.npy"]) == 0
     assert (tiny_run.parent / "rel_logits.npy").exists()
+
+
+def test_train_on_user_text_and_token_files(tmp_path):
+    text = tmp_path / "corpus.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 200, encoding="utf-8")
+    out = tmp_path / "text_run"
+    assert main(["train", "--preset", "tiny", "--steps", "2", "--out", str(out), "--set", "data.source=text",
+                 "--set", f"data.path={text}"]) == 0
+    tokens = tmp_path / "tokens.bin"
+    (np.arange(8000) % 97).astype("<u2").tofile(tokens)
+    out = tmp_path / "token_run"
+    assert main(["train", "--preset", "tiny", "--steps", "2", "--out", str(out), "--set", "data.source=tokens",
+                 "--set", f"data.path={tokens}", "--set", "data.token_dtype=uint16",
+                 "--set", "model.vocab_size=97"]) == 0
+    assert json.loads((out / "summary.json").read_text())["num_train_tokens"] > 0
