@@ -18,7 +18,7 @@ from pathlib import Path
 
 import yaml
 
-from .errors import CheckpointError, InputValidationError, InvalidConfigError
+from .errors import CheckpointError, InputValidationError, InvalidConfigError, NumericalInstabilityError
 
 
 def _parse_overrides(pairs: list[str]) -> dict:
@@ -257,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, CheckpointError) as err:  # every input error of ours derives from one of these
+    except (ValueError, CheckpointError, NumericalInstabilityError) as err:  # our input and run errors
         print(f"phase1-jax {args.command}: error: {err}", file=sys.stderr)
         return 2
 

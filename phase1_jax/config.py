@@ -45,6 +45,13 @@ def _require(ok: bool, field: str, value: Any, allowed: str) -> None:
         raise InvalidConfigError(field, value, f"allowed: {allowed}")
 
 
+def _as_float(text: str) -> float | None:
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
 def _check_types(obj: Any, prefix: str) -> None:
     """Checks each field against its annotation (int, float, bool, str, Optional[...]); no silent coercion."""
     hints = typing.get_type_hints(type(obj))
@@ -64,9 +71,12 @@ def _check_types(obj: Any, prefix: str) -> None:
         elif expected is int:
             _require(isinstance(value, int) and not isinstance(value, bool), name, value, "an integer")
         elif expected is float:
-            # Integers are fine where a float is expected (YAML writes 1e-3 as a float but 1 as an int).
+            # Integers are fine where a float is expected, and so is "1e-3": PyYAML (YAML 1.1) reads exponent
+            # notation without a dot as a string.
             if isinstance(value, int) and not isinstance(value, bool):
                 object.__setattr__(obj, f.name, float(value))
+            elif isinstance(value, str) and _as_float(value) is not None:
+                object.__setattr__(obj, f.name, _as_float(value))
             else:
                 _require(isinstance(value, float), name, value, "a number")
         elif expected is str:

@@ -227,6 +227,11 @@ def _check_int(name: str, value: Any) -> int:
 
 
 def _check_float(name: str, value: Any) -> float:
+    if isinstance(value, str):  # PyYAML (YAML 1.1) reads 1e-6, without a dot, as a string
+        try:
+            value = float(value)
+        except ValueError:
+            raise InvalidConfigError(name, value, "must be a real number") from None
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise InvalidConfigError(name, value, "must be a real number")
     if not math.isfinite(value):

@@ -23,6 +23,7 @@ from flax import nnx, struct
 
 from .config import ModelConfig, TrainConfig
 from .data import Batch
+from .errors import NumericalInstabilityError
 from .models.common import split_model
 from .models.resnet_bk import ResNetBK
 from .phase1 import stability_summary
@@ -194,6 +195,10 @@ def train_loop(model_cfg: ModelConfig, train_cfg: TrainConfig, batch_at: Callabl
             record["tokens_per_sec"] = tokens_per_step * (done - last_step) / max(now - last_time, 1e-9)
             last_time, last_step = now, done
             record["step"] = done
+            if not np.isfinite(record["loss"]):
+                # Host-side decision, outside jit: stop rather than train on (and checkpoint) NaNs.
+                raise NumericalInstabilityError("training", {k: v for k, v in record.items()
+                                                             if k in ("step", "loss", "grad_norm", "learning_rate")})
             if done % train_cfg.eval_every == 0 or done == train_cfg.steps:
                 val_loss = evaluate(eval_step, state.params, state.buffers, val_batches)
                 record["val_loss"] = val_loss

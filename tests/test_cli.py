@@ -94,3 +94,13 @@ def test_train_on_user_text_and_token_files(tmp_path):
                  "--set", f"data.path={tokens}", "--set", "data.token_dtype=uint16",
                  "--set", "model.vocab_size=97"]) == 0
     assert json.loads((out / "summary.json").read_text())["num_train_tokens"] > 0
+
+
+def test_training_stops_on_non_finite_loss(tmp_path, capsys):
+    out = tmp_path / "nan_run"
+    # A learning rate of 1e30 blows the weights up within a few steps.
+    code = main(["train", "--preset", "tiny", "--steps", "10", "--out", str(out), "--set", "training.learning_rate=1e30",
+                 "--set", "training.grad_clip_norm=1e30", "--set", "training.log_every=1"])
+    assert code == 2
+    assert "Numerical instability detected in training" in capsys.readouterr().err
+    assert not (out / "checkpoint").exists()

@@ -1,6 +1,7 @@
 import dataclasses
 
 import pytest
+import yaml
 
 from phase1_jax.config import ModelConfig, RunConfig, TrainConfig, load_run_config
 from phase1_jax.errors import InvalidConfigError
@@ -39,6 +40,9 @@ def test_train_config_validation():
     with pytest.raises(InvalidConfigError, match="training.learning_rate"):
         TrainConfig(learning_rate=0.0)
     assert TrainConfig(learning_rate=1).learning_rate == 1.0  # an int where a float is expected is fine
+    assert TrainConfig.from_dict(yaml.safe_load("learning_rate: 1e-3")).learning_rate == 1e-3  # YAML 1.1 str
+    with pytest.raises(InvalidConfigError, match="training.learning_rate"):
+        TrainConfig(learning_rate="fast")
 
 
 def test_frozen():

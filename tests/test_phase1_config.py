@@ -144,7 +144,7 @@ def test_other_constructors():
     ("ar_ssm_gate_hidden_dim", 0), ("ar_ssm_gate_hidden_dim", 2.5),
     ("ar_ssm_enabled", 1), ("htt_phase_encoding", "yes"), ("lns_enabled", None),
     ("htt_rank", True), ("ar_ssm_max_rank", 32.0), ("lns_block_size_k", "32"),
-    ("target_vram_gb", True), ("target_vram_gb", float("inf")), ("stability_threshold", "1e-6"),
+    ("target_vram_gb", True), ("target_vram_gb", float("inf")), ("stability_threshold", "tiny"),
     ("ar_ssm_local_conv", "same"), ("ar_ssm_local_conv", 1), ("lns_algorithm", "max-log"),
     ("ar_ssm_layers", (0, -1)), ("ar_ssm_layers", (1, 1)), ("ar_ssm_layers", "0,1"), ("ar_ssm_layers", (0.5,)),
     ("ar_ssm_rank_warmup_steps", -1), ("htt_position_embedding", 0),
@@ -225,3 +225,11 @@ def test_yaml_round_trip(cfg):
     back = Phase1Config.from_dict(yaml.safe_load(text))
     assert back == cfg
     assert back.to_dict() == d
+
+
+def test_exponent_strings_from_yaml_are_numbers():
+    # PyYAML (YAML 1.1) reads "1e-6" (no dot) as a string; configs written that way must still load.
+    import yaml
+
+    cfg = Phase1Config.from_dict(yaml.safe_load("stability_threshold: 1e-6\nar_ssm_l1_regularization: 1e-3"))
+    assert cfg.stability_threshold == 1e-6 and cfg.ar_ssm_l1_regularization == 1e-3
