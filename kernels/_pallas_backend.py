@@ -32,8 +32,11 @@ MIN_COMPUTE_CAPABILITY = (8, 0)
 TRITON_DEPRECATION = (r"The Pallas Triton backend is deprecated and will be removed in a future JAX version")
 
 
-class PallasUnavailableError(HardwareCompatibilityError):
-    """implementation="pallas" was asked for where the Pallas GPU kernels cannot run (no CUDA GPU >= sm_80)."""
+class PallasUnavailableError(HardwareCompatibilityError, NotImplementedError):
+    """implementation="pallas" was asked for where the Pallas GPU kernels cannot run (no CUDA GPU >= sm_80).
+
+    Also a NotImplementedError, which is what asking for "pallas" raised before the kernels existed.
+    """
 
 
 def ignore_triton_deprecation() -> None:
@@ -77,17 +80,42 @@ def available() -> bool:
     return gpu_status()[0]
 
 
-def require(op: str, interpret: bool) -> None:
+def require(op: str, interpret: bool, alternatives: str = "'xla'") -> None:
     """Raise PallasUnavailableError unless the kernels of `op` can run (compiled on a GPU, or interpreted)."""
     if interpret:
         return
     ok, what = gpu_status()
     if not ok:
         raise PallasUnavailableError(
-            required=f"{op}: implementation='pallas' needs a CUDA GPU of compute capability >= 8.0 "
-                     f"({BACKEND}); on a CPU call the kernel module with interpret=True (tests only: slow)",
+            required=f"{op}: implementation='pallas' is not available here: it needs a CUDA GPU of compute "
+                     f"capability >= 8.0 ({BACKEND}); on a CPU, call the kernel module with interpret=True "
+                     f"(tests only: slow)",
             available=what,
-            fallback="implementation='xla' (or leave implementation=None: XLA on CPU, Pallas on GPU)")
+            fallback=f"implementation={alternatives}, or implementation=None (the default: XLA on CPU, Pallas "
+                     f"on a GPU)")
+
+
+_WARNED: set[tuple[str, str]] = set()
+
+
+def default_is_pallas(op: str, supported: tuple[bool, str] = (True, "")) -> bool:
+    """Whether implementation=None means the Pallas kernels for `op` here.
+
+    On a CPU (or any non-GPU backend) the default is the XLA path by design, silently. On a GPU it is Pallas when
+    the kernels can run and take these inputs (`supported` = (ok, reason)); otherwise the default falls back to
+    XLA and says so once per (op, reason).
+    """
+    if jax.default_backend() != "gpu":
+        return False
+    ok, what = gpu_status()
+    if ok and supported[0]:
+        return True
+    reason = what if not ok else supported[1]
+    if (op, reason) not in _WARNED:
+        _WARNED.add((op, reason))
+        warnings.warn(f"{op}: the default implementation falls back from 'pallas' to 'xla' here ({reason})",
+                      RuntimeWarning, stacklevel=3)
+    return False
 
 
 def pallas_call(kernel, *, out_shape, grid, num_warps: int, num_stages: int, interpret: bool, name: str):
@@ -101,6 +129,22 @@ def pallas_call(kernel, *, out_shape, grid, num_warps: int, num_stages: int, int
         interpret=interpret,
         name=name,
     )
+
+
+def pipelined_loop(n_blocks, load, compute, state):
+    """for i in range(n_blocks): state = compute(i, load(i), state), with the loads of block i + 1 issued before
+    the arithmetic of block i (the loaded tiles ride in the loop carry): hand-written software pipelining, so that
+    memory latency overlaps the work of the previous block even with few warps per SM.
+
+    The last iteration reloads its own block instead of reading past the end (the values are not used).
+    """
+    def body(i, carry):
+        state, tiles = carry
+        upcoming = load(jax.numpy.minimum(i + 1, n_blocks - 1))
+        return compute(i, tiles, state), upcoming
+
+    state, _ = jax.lax.fori_loop(0, n_blocks, body, (state, load(0)))
+    return state
 
 
 def load(ref_view, mask=None, other=None):

@@ -56,12 +56,15 @@ def test_ar_ssm_full_length_against_float64_and_xla_grads(reverse):
     exact = k * np.asarray(v, np.float64) * np.asarray(g, np.float64)
 
     def grads(fn):
-        out, vjp = jax.vjp(fn, u, v, g)
-        return out, vjp(ct)
+        # Arrays as arguments: closed-over arrays would become HLO constants (slow to compile at this size).
+        def run(u, v, g, ct):
+            out, vjp = jax.vjp(lambda *x: fn(*x, reverse=reverse), u, v, g)
+            return out, vjp(ct)
+        return jax.jit(run)(u, v, g, ct)
 
-    out, got = jax.jit(lambda: grads(lambda *x: ar_ssm_scan_pallas(*x, reverse=reverse)))()
-    again, _ = jax.jit(lambda: grads(lambda *x: ar_ssm_scan_pallas(*x, reverse=reverse)))()
-    _, want = jax.jit(lambda: grads(lambda *x: ar_ssm_scan_xla(*x, reverse=reverse)))()
+    out, got = grads(ar_ssm_scan_pallas)
+    again, _ = grads(ar_ssm_scan_pallas)
+    _, want = grads(ar_ssm_scan_xla)
     assert np.all(np.isfinite(np.asarray(out)))
     np.testing.assert_array_equal(np.asarray(out), np.asarray(again))  # no race: bit-identical reruns
     assert rel_err(out, exact) <= 1e-6
@@ -104,8 +107,8 @@ def test_bk_grads_against_sequential_scan():
     a = jnp.asarray(_bk_rows(8192, 5))
     w = jnp.asarray(np.random.default_rng(6).standard_normal((*a.shape, 2)), jnp.float32)
     with jax.default_matmul_precision("highest"):
-        got = jax.jit(jax.grad(lambda x: jnp.sum(w * causal_features_pallas(x))))(a)
-        want = jax.jit(jax.grad(lambda x: jnp.sum(w * causal_scan_reference(x))))(a)
+        got = jax.jit(jax.grad(lambda x, w: jnp.sum(w * causal_features_pallas(x))))(a, w)
+        want = jax.jit(jax.grad(lambda x, w: jnp.sum(w * causal_scan_reference(x))))(a, w)
     assert rel_err(got, want) <= 1e-5
 
 

@@ -13,8 +13,10 @@ from __future__ import annotations
 import dataclasses
 
 # Programs wanted in flight: about two per streaming multiprocessor of an H100 (132 SMs); smaller cards just run
-# more waves.
+# more waves. Segments cost a first pass over u and g (half the forward's reads again), so they are used only when
+# B * ceil(R / block_r) is below about one program per SM.
 TARGET_PROGRAMS = 264
+MIN_PROGRAMS_WITHOUT_SEGMENTS = 128
 
 
 def _is_power_of_two(n: int) -> bool:
@@ -28,6 +30,9 @@ class ArSsmScanConfig:
     # None: chosen from the shape (enough programs for the GPU); an int: that many segments (clipped to L/block_t).
     num_segments: int | None = None
     num_warps: int = 4
+    # The backward kernel holds four prefetched input tiles and three output tiles: more warps spread them over
+    # more registers (ncu, 2026-11-26: 255 registers per thread at 4 warps).
+    backward_warps: int = 8
     num_stages: int = 2
 
     def __post_init__(self):
@@ -37,8 +42,9 @@ class ArSsmScanConfig:
                 raise ValueError(f"ArSsmScanConfig.{name} must be a power of two >= 1, got {value!r}")
         if self.num_segments is not None and (not isinstance(self.num_segments, int) or self.num_segments < 1):
             raise ValueError(f"ArSsmScanConfig.num_segments must be None or an int >= 1, got {self.num_segments!r}")
-        if self.num_warps not in (1, 2, 4, 8, 16):
-            raise ValueError(f"ArSsmScanConfig.num_warps must be 1, 2, 4, 8 or 16, got {self.num_warps!r}")
+        for name in ("num_warps", "backward_warps"):
+            if getattr(self, name) not in (1, 2, 4, 8, 16):
+                raise ValueError(f"ArSsmScanConfig.{name} must be 1, 2, 4, 8 or 16, got {getattr(self, name)!r}")
         if not isinstance(self.num_stages, int) or self.num_stages < 1:
             raise ValueError(f"ArSsmScanConfig.num_stages must be an int >= 1, got {self.num_stages!r}")
 
@@ -62,7 +68,8 @@ def layout(config: ArSsmScanConfig, batch: int, length: int, rank: int) -> Layou
     col_blocks = -(-rank // config.block_r)
     tiles = -(-length // config.block_t)
     if config.num_segments is None:
-        wanted = -(-TARGET_PROGRAMS // max(1, batch * col_blocks))
+        base = max(1, batch * col_blocks)
+        wanted = 1 if base >= MIN_PROGRAMS_WITHOUT_SEGMENTS else -(-TARGET_PROGRAMS // base)
     else:
         wanted = config.num_segments
     segments = max(1, min(wanted, tiles))
@@ -75,7 +82,7 @@ def describe(config: ArSsmScanConfig, batch: int, length: int, rank: int) -> str
     lay = layout(config, batch, length, rank)
     return (f"block_t={config.block_t} block_r={config.block_r} segments={lay.num_segments} "
             f"seg_len={lay.seg_len} programs={batch * lay.num_segments * lay.num_col_blocks} "
-            f"warps={config.num_warps} stages={config.num_stages}")
+            f"warps={config.num_warps}/{config.backward_warps} stages={config.num_stages}")
 
 
-__all__ = ["ArSsmScanConfig", "Layout", "TARGET_PROGRAMS", "default_config", "describe", "layout"]
+__all__ = ["ArSsmScanConfig", "Layout", "MIN_PROGRAMS_WITHOUT_SEGMENTS", "TARGET_PROGRAMS", "default_config", "describe", "layout"]

@@ -4,9 +4,10 @@ Shapes (B, L, R); the scan runs along L (inclusive prefix sums, or suffix sums w
 sequence reads u, v and g once and writes ctx once: the products, the scan and the epilogue multiply are fused.
 
 Programs and numerics (see `config.py`): a program owns (batch row b, segment s, block of rank columns) and walks
-its segment tile by tile (block_t steps x block_r columns). Inside a tile, a float32 inclusive cumsum; between
-tiles, a Kahan-compensated float32 carry; between segments (only when the shape needs more programs than
-B * R / block_r), an exclusive scan of the S segment sums computed by a light first pass. Accumulation is float32
+its segment tile by tile (block_t steps x block_r columns), loading tile i + 1 while it computes tile i. Inside a
+tile, a float32 inclusive cumsum; between tiles, a Kahan-compensated float32 carry; between segments (only when the
+shape needs more programs than B * R / block_r), the sum of the preceding segments' totals, computed by a light
+first pass and read by each program in one masked load. Accumulation is float32
 whatever the input dtype (bf16 accepted); outputs take the input dtype.
 
 Backward, with a = u ⊙ g, w = v ⊙ g, c = dctx (the scan direction D is the forward's):
@@ -60,8 +61,8 @@ def _tile(b, rows, cols, length, col_mask):
     return (b, rows[:, None], cols[None, :]), mask
 
 
-def _load_f32(ref, index, mask):
-    return backend.load(ref.at[index], mask=mask, other=0.0).astype(F32)
+def _load_raw(ref, index, mask):
+    return backend.load(ref.at[index], mask=mask, other=0.0)
 
 
 def _program_coords(block_r, rank):
@@ -72,6 +73,32 @@ def _program_coords(block_r, rank):
     return b, s, cols, cols < rank
 
 
+def _tile_loader(refs, b, s, cols, col_mask, *, length, block_t, seg_len, descending):
+    """load(i) -> the raw tiles of `refs` at tile i of the segment (masked-off elements are 0)."""
+    def load(i):
+        rows = _tile_rows(s, i, seg_len=seg_len, block_t=block_t, descending=descending)
+        index, mask = _tile(b, rows, cols, length, col_mask)
+        return tuple(_load_raw(ref, index, mask) for ref in refs)
+
+    return load
+
+
+def _tile_index(s, i, b, cols, col_mask, *, length, block_t, seg_len, descending):
+    rows = _tile_rows(s, i, seg_len=seg_len, block_t=block_t, descending=descending)
+    return _tile(b, rows, cols, length, col_mask)
+
+
+def _segment_carry(totals_ref, b, s, cols, col_mask, *, num_segments, before):
+    """Σ of the segment totals strictly before (or after) segment s, one masked (S, block_r) load and a sum."""
+    width = 1 << max(0, (num_segments - 1).bit_length())
+    seg = jnp.arange(width, dtype=jnp.int32)
+    keep = (seg < s) if before else ((seg > s) & (seg < num_segments))
+    mask = keep[:, None] & col_mask[None, :]
+    seg = jnp.where(keep, seg, num_segments)
+    tile = backend.load(totals_ref.at[b, seg[:, None], cols[None, :]], mask=mask, other=0.0).astype(F32)
+    return jnp.sum(tile, axis=0)
+
+
 # ------------------------------------------------------------------------------------------------------- kernels
 
 def _segment_sum_kernel(*refs, n_factors, length, rank, block_t, block_r, seg_len):
@@ -79,62 +106,70 @@ def _segment_sum_kernel(*refs, n_factors, length, rank, block_t, block_r, seg_le
     factors, out_ref = refs[:n_factors], refs[n_factors]
     b, s, cols, col_mask = _program_coords(block_r, rank)
 
-    def body(i, state):
-        rows = _tile_rows(s, i, seg_len=seg_len, block_t=block_t, descending=False)
-        index, mask = _tile(b, rows, cols, length, col_mask)
-        prod = _load_f32(factors[0], index, mask)
-        for ref in factors[1:]:
-            prod = prod * _load_f32(ref, index, mask)
+    def compute(i, tiles, state):
+        prod = tiles[0].astype(F32)
+        for tile in tiles[1:]:
+            prod = prod * tile.astype(F32)
         return _kahan_add(*state, jnp.sum(prod, axis=0))
 
     zero = jnp.zeros((block_r,), F32)
-    total, comp = lax.fori_loop(0, seg_len // block_t, body, (zero, zero))
+    load = _tile_loader(factors, b, s, cols, col_mask, length=length, block_t=block_t, seg_len=seg_len,
+                        descending=False)
+    total, comp = backend.pipelined_loop(seg_len // block_t, load, compute, (zero, zero))
     backend.store(out_ref.at[b, s, cols], total - comp, mask=col_mask)
 
 
-def _forward_kernel(carry_ref, u_ref, v_ref, g_ref, out_ref, kend_ref, *, length, rank, block_t, block_r, seg_len,
-                    descending):
+def _forward_kernel(*refs, length, rank, block_t, block_r, seg_len, num_segments, descending):
+    totals_ref, (u_ref, v_ref, g_ref, out_ref, kend_ref) = (refs[0], refs[1:]) if num_segments > 1 else (None, refs)
     b, s, cols, col_mask = _program_coords(block_r, rank)
-    carry = backend.load(carry_ref.at[b, s, cols], mask=col_mask, other=0.0).astype(F32)
+    geometry = dict(length=length, block_t=block_t, seg_len=seg_len, descending=descending)
+    if totals_ref is None:
+        carry = jnp.zeros((block_r,), F32)
+    else:
+        carry = _segment_carry(totals_ref, b, s, cols, col_mask, num_segments=num_segments, before=not descending)
 
-    def body(i, state):
+    def compute(i, tiles, state):
         total, comp = state
-        rows = _tile_rows(s, i, seg_len=seg_len, block_t=block_t, descending=descending)
-        index, mask = _tile(b, rows, cols, length, col_mask)
-        u = _load_f32(u_ref, index, mask)
-        v = _load_f32(v_ref, index, mask)
-        g = _load_f32(g_ref, index, mask)
+        u, v, g = (t.astype(F32) for t in tiles)
         a = u * g
         k = jnp.cumsum(a, axis=0) + (total - comp)[None, :]
+        index, mask = _tile_index(s, i, b, cols, col_mask, **geometry)
         backend.store(out_ref.at[index], k * (v * g), mask=mask)
         return _kahan_add(total, comp, jnp.sum(a, axis=0))
 
-    total, comp = lax.fori_loop(0, seg_len // block_t, body, (carry, jnp.zeros((block_r,), F32)))
+    load = _tile_loader((u_ref, v_ref, g_ref), b, s, cols, col_mask, **geometry)
+    total, comp = backend.pipelined_loop(seg_len // block_t, load, compute, (carry, jnp.zeros((block_r,), F32)))
     backend.store(kend_ref.at[b, s, cols], total - comp, mask=col_mask)
 
 
-def _backward_kernel(kend_ref, dcarry_ref, u_ref, v_ref, g_ref, c_ref, du_ref, dv_ref, dg_ref, *, length, rank,
-                     block_t, block_r, seg_len, descending):
+def _backward_kernel(*refs, length, rank, block_t, block_r, seg_len, num_segments, descending):
     """`descending` is the direction of this pass: the opposite of the forward scan's."""
+    if num_segments > 1:
+        kend_ref, totals_ref, u_ref, v_ref, g_ref, c_ref, du_ref, dv_ref, dg_ref = refs
+    else:
+        (kend_ref, u_ref, v_ref, g_ref, c_ref, du_ref, dv_ref, dg_ref), totals_ref = refs, None
     b, s, cols, col_mask = _program_coords(block_r, rank)
+    geometry = dict(length=length, block_t=block_t, seg_len=seg_len, descending=descending)
     kend = backend.load(kend_ref.at[b, s, cols], mask=col_mask, other=0.0).astype(F32)
-    dcarry = backend.load(dcarry_ref.at[b, s, cols], mask=col_mask, other=0.0).astype(F32)
     zero = jnp.zeros((block_r,), F32)
+    if totals_ref is None:
+        dcarry = zero
+    else:
+        # da at the segment's forward-far end starts with every dk after the segment in the forward direction
+        # (segments s' > s for a causal scan: before=False when this pass descends).
+        dcarry = _segment_carry(totals_ref, b, s, cols, col_mask, num_segments=num_segments,
+                                before=not descending)
 
-    def body(i, state):
+    def compute(i, tiles, state):
         sa, sa_comp, sd, sd_comp = state
-        rows = _tile_rows(s, i, seg_len=seg_len, block_t=block_t, descending=descending)
-        index, mask = _tile(b, rows, cols, length, col_mask)
-        u = _load_f32(u_ref, index, mask)
-        v = _load_f32(v_ref, index, mask)
-        g = _load_f32(g_ref, index, mask)
-        c = _load_f32(c_ref, index, mask)
+        u, v, g, c = (t.astype(F32) for t in tiles)
         a = u * g
         dk = c * (v * g)
         # Σ of a over the steps of this segment after t in the forward direction (processed before t here).
         after = jnp.cumsum(a, axis=0) - a + (sa - sa_comp)[None, :]
         ck = c * (kend[None, :] - after)
         da = jnp.cumsum(dk, axis=0) + (sd - sd_comp)[None, :]
+        index, mask = _tile_index(s, i, b, cols, col_mask, **geometry)
         backend.store(du_ref.at[index], da * g, mask=mask)
         backend.store(dv_ref.at[index], ck * g, mask=mask)
         backend.store(dg_ref.at[index], da * u + ck * v, mask=mask)
@@ -142,17 +177,18 @@ def _backward_kernel(kend_ref, dcarry_ref, u_ref, v_ref, g_ref, c_ref, du_ref, d
         sd, sd_comp = _kahan_add(sd, sd_comp, jnp.sum(dk, axis=0))
         return sa, sa_comp, sd, sd_comp
 
-    lax.fori_loop(0, seg_len // block_t, body, (zero, zero, dcarry, zero))
+    load = _tile_loader((u_ref, v_ref, g_ref, c_ref), b, s, cols, col_mask, **geometry)
+    backend.pipelined_loop(seg_len // block_t, load, compute, (zero, zero, dcarry, zero))
 
 
 # ------------------------------------------------------------------------------------------------------ launches
 
-def _static(config, shape, interpret):
+def _static(config, shape, interpret, num_warps=None):
     batch, length, rank = shape
     lay = layout(config, batch, length, rank)
     grid = (batch, lay.num_segments, lay.num_col_blocks)
     params = dict(length=length, rank=rank, block_t=config.block_t, block_r=config.block_r, seg_len=lay.seg_len)
-    call = functools.partial(backend.pallas_call, grid=grid, num_warps=config.num_warps,
+    call = functools.partial(backend.pallas_call, grid=grid, num_warps=num_warps or config.num_warps,
                              num_stages=config.num_stages, interpret=interpret)
     return lay, params, call
 
@@ -165,38 +201,22 @@ def _segment_sums(factors, config, interpret):
     return call(kernel, out_shape=out, name="ar_ssm_segment_sums")(*factors)
 
 
-def _exclusive(totals, *, before: bool):
-    """Σ over segments strictly before (before=True) or strictly after each segment, along axis 1."""
-    zero = jnp.zeros_like(totals[:, :1])
-    if before:
-        return jnp.concatenate([zero, jnp.cumsum(totals[:, :-1], axis=1)], axis=1)
-    return jnp.concatenate([jnp.cumsum(totals[:, 1:][:, ::-1], axis=1)[:, ::-1], zero], axis=1)
-
-
 def _forward(u, v, g, reverse, config, interpret):
     batch, _, rank = u.shape
     lay, params, call = _static(config, u.shape, interpret)
-    if lay.num_segments > 1:
-        carry = _exclusive(_segment_sums((u, g), config, interpret), before=not reverse)
-    else:
-        carry = jnp.zeros((batch, 1, rank), F32)
-    kernel = functools.partial(_forward_kernel, descending=reverse, **params)
+    totals = (_segment_sums((u, g), config, interpret),) if lay.num_segments > 1 else ()
+    kernel = functools.partial(_forward_kernel, descending=reverse, num_segments=lay.num_segments, **params)
     out_shape = (jax.ShapeDtypeStruct(u.shape, u.dtype),
                  jax.ShapeDtypeStruct((batch, lay.num_segments, rank), F32))
-    return call(kernel, out_shape=out_shape, name="ar_ssm_scan_fwd")(carry, u, v, g)
+    return call(kernel, out_shape=out_shape, name="ar_ssm_scan_fwd")(*totals, u, v, g)
 
 
 def _backward(u, v, g, kend, ct, reverse, config, interpret):
-    batch, _, rank = u.shape
-    lay, params, call = _static(config, u.shape, interpret)
-    if lay.num_segments > 1:
-        # da at a segment's forward-far end starts with everything after the segment in the forward direction.
-        dcarry = _exclusive(_segment_sums((ct, v, g), config, interpret), before=reverse)
-    else:
-        dcarry = jnp.zeros((batch, 1, rank), F32)
-    kernel = functools.partial(_backward_kernel, descending=not reverse, **params)
+    lay, params, call = _static(config, u.shape, interpret, num_warps=config.backward_warps)
+    totals = (_segment_sums((ct, v, g), config, interpret),) if lay.num_segments > 1 else ()
+    kernel = functools.partial(_backward_kernel, descending=not reverse, num_segments=lay.num_segments, **params)
     out_shape = tuple(jax.ShapeDtypeStruct(u.shape, x.dtype) for x in (u, v, g))
-    return call(kernel, out_shape=out_shape, name="ar_ssm_scan_bwd")(kend, dcarry, u, v, g, ct)
+    return call(kernel, out_shape=out_shape, name="ar_ssm_scan_bwd")(kend, *totals, u, v, g, ct)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))

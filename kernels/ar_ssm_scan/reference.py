@@ -7,7 +7,6 @@ gradients (plain autodiff), not for low-precision accuracy.
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 
 
 def ar_ssm_scan_reference(u: jax.Array, v: jax.Array, g: jax.Array, *, reverse: bool = False) -> jax.Array:

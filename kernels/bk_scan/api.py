@@ -4,23 +4,30 @@ from __future__ import annotations
 
 import jax
 
-from . import reference, xla
+from .. import _pallas_backend
+from . import pallas, reference, xla
 
 NUMERICS = ("reference", "native")
 DIRECTIONS = ("causal", "bidirectional")
-IMPLEMENTATIONS = ("xla", "scan", "reference")
+IMPLEMENTATIONS = ("xla", "scan", "reference", "pallas")
 # Named here so that asking for them gives a clear "not yet" instead of "unknown".
-PLANNED_IMPLEMENTATIONS = ("pallas",)
+PLANNED_IMPLEMENTATIONS = ()
 
 
-
-def default_implementation() -> str:
-    """"scan" on CPU, "xla" elsewhere.
+def default_implementation(numerics: str = "native") -> str:
+    """"scan" on CPU; "pallas" for native numerics on a CUDA GPU >= sm_80; "xla" elsewhere.
 
     On a CPU the sequential lax.scan is 20-30x faster than the parallel (recursive-doubling) form and compiles
     in a fraction of the time; the parallel form is for accelerators, where a sequential loop leaves the chip idle.
+    On a GPU the Pallas kernels (chunked three-phase scans, see `pallas.py`) replace the parallel form for native
+    numerics; reference numerics have no kernel yet and stay "xla". A GPU where the kernels cannot run falls back
+    to "xla" with a one-time warning.
     """
-    return "scan" if jax.default_backend() == "cpu" else "xla"
+    if jax.default_backend() == "cpu":
+        return "scan"
+    if numerics == "native" and _pallas_backend.default_is_pallas("bk_scan"):
+        return "pallas"
+    return "xla"
 
 _TABLE = {
     ("reference", None, "xla"): xla.reference_mode_features,
@@ -34,6 +41,8 @@ _TABLE = {
     ("native", "bidirectional", "scan"): reference.bidirectional_scan_reference,
     ("native", "causal", "reference"): reference.causal_scan_reference,
     ("native", "bidirectional", "reference"): reference.bidirectional_scan_reference,
+    ("native", "causal", "pallas"): pallas.causal_features_pallas,
+    ("native", "bidirectional", "pallas"): pallas.bidirectional_features_pallas,
 }
 
 
@@ -51,8 +60,14 @@ def resolve(numerics: str, direction: str = "causal", implementation: str | None
             f"implementation={implementation!r} is not available yet; available: {', '.join(map(repr, IMPLEMENTATIONS))}"
             " (or None for the default)")
     if implementation is None:
-        implementation = default_implementation()
+        implementation = default_implementation(numerics)
     _check_choice("implementation", implementation, IMPLEMENTATIONS + (None,))
+    if implementation == "pallas":
+        if numerics == "reference":
+            raise NotImplementedError(
+                "implementation='pallas' is not available for numerics='reference' (no reference-mode kernel "
+                "yet); use implementation='xla' or 'reference'")
+        _pallas_backend.require("bk_scan", False, alternatives="'xla', 'scan' or 'reference'")
     return _TABLE[(numerics, None if numerics == "reference" else direction, implementation)]
 
 
@@ -68,9 +83,11 @@ def bk_features(a, b, c, z, *, numerics: str, direction: str = "causal", impleme
       "native"     finite at any length, exact gradients for `a`.
     direction (native only): "causal" gives g_t = [(H_{0..t} - z)^-1]_{tt}, which depends on a_0..a_t only;
       "bidirectional" gives [(H - zI)^-1]_ii, which depends on the whole sequence.
-    implementation: None (the default: "scan" on CPU, "xla" on accelerators), "xla" (parallel scans), "scan"
-      (sequential lax.scan, exact autodiff gradients) or "reference" (sequential lax.scan for native; for reference
-      numerics, the exact complex128 forward run on the host through a callback: slow).
+    implementation: None (the default: "scan" on CPU; on a CUDA GPU >= sm_80 "pallas" for native numerics and
+      "xla" for reference numerics; "xla" on other accelerators), "pallas" (native numerics only: Pallas/Triton
+      kernels with exact backward kernels; raises PallasUnavailableError where they cannot run), "xla" (parallel
+      scans), "scan" (sequential lax.scan, exact autodiff gradients) or "reference" (sequential lax.scan for native;
+      for reference numerics, the exact complex128 forward run on the host through a callback: slow).
     b, c and z never receive gradients.
     """
     return resolve(numerics, direction, implementation)(a, b, c, z)

@@ -27,7 +27,7 @@ class BkScanConfig:
     vector: int = 8
     lanes: int = 128
     carry_rows: int = 32
-    carry_vector: int = 4
+    carry_vector: int = 8
     num_warps: int = 4
     carry_warps: int = 1
     num_stages: int = 1

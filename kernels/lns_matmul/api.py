@@ -20,6 +20,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from .. import _pallas_backend
 from . import reference, xla
 
 ALGORITHMS = ("max_log", "exact")
@@ -45,15 +46,16 @@ def lns_matmul(log_a: jax.Array, sign_a: jax.Array, log_b: jax.Array, sign_b: ja
                block_k: int | None = None) -> jax.Array:
     """A @ B computed from LNS inputs (see the module docstring for the exact definitions).
 
-    implementation: None (= "xla"), "xla" (blocked over K; `block_k` None picks a block that keeps each
-    (M, block_k, N) term tensor at 4M elements) or "reference" (materialises all M*K*N terms).
-    "pallas" is reserved and raises NotImplementedError.
+    implementation: None (the default: "pallas" on a CUDA GPU of compute capability >= 8.0, "xla" elsewhere),
+    "pallas" (Pallas/Triton kernel, the term blocks stay in registers; raises PallasUnavailableError where it
+    cannot run; `block_k` is ignored, see `pallas.LnsMatmulConfig`), "xla" (blocked over K; `block_k` None picks
+    a block that keeps each (M, block_k, N) term tensor at 4M elements) or "reference" (materialises all M*K*N
+    terms).
     """
     if not isinstance(algorithm, str) or algorithm not in ALGORITHMS:
         raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
     if implementation == "pallas":
-        raise NotImplementedError("lns_matmul: implementation='pallas' is not available yet; "
-                                  "use implementation='xla' (or None)")
+        _pallas_backend.require("lns_matmul", False, alternatives="'xla' or 'reference'")
     if implementation is not None and (not isinstance(implementation, str) or implementation not in IMPLEMENTATIONS):
         raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
     if block_k is not None and (isinstance(block_k, bool) or not isinstance(block_k, int) or block_k < 1):
@@ -70,4 +72,9 @@ def lns_matmul(log_a: jax.Array, sign_a: jax.Array, log_b: jax.Array, sign_b: ja
         raise ValueError(f"inner dimensions differ: log_a is {la.shape}, log_b is {lb.shape}")
     if la.shape[1] == 0:
         return jnp.zeros((la.shape[0], lb.shape[1]), jnp.float32)
+    if implementation is None and _pallas_backend.default_is_pallas("lns_matmul"):
+        implementation = "pallas"
+    if implementation == "pallas":
+        from .pallas import lns_matmul_pallas
+        return lns_matmul_pallas(la, sa, lb, sb, algorithm=algorithm)
     return _TABLE[(implementation or "xla", algorithm)](la, sa, lb, sb, block_k)
