@@ -2,6 +2,7 @@ import os
 from pathlib import Path
 
 import jax
+import numpy as np
 import pytest
 
 # The golden cases live in the workspace's shared/ folder beside the repository (CI lays it out the same way).
@@ -20,3 +21,15 @@ def golden_dir() -> Path:
     if not GOLDEN_DIR.is_dir():
         pytest.skip(f"golden cases not found at {GOLDEN_DIR}")
     return GOLDEN_DIR
+
+
+def rel_err(x, y):
+    """max |x - y| / max |y| in float64."""
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    return float(np.abs(x - y).max() / max(np.abs(y).max(), 1e-30))
+
+
+def elementwise_rel_err(features, exact):
+    """Largest elementwise relative error of (..., 2) [Re, Im] features against complex values."""
+    f = np.asarray(features, np.float64)
+    return float(np.max(np.abs(f[..., 0] + 1j * f[..., 1] - exact) / np.abs(exact)))

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import elementwise_rel_err, rel_err
 from phase1_jax.kernels import _pallas_backend
 
 pytestmark = [
@@ -28,14 +29,6 @@ from phase1_jax.kernels.bk_scan.pallas import (bidirectional_features_pallas,  #
 from phase1_jax.kernels.lns_matmul import lns_matmul, to_lns  # noqa: E402
 
 
-def rel_err(x, y):
-    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
-    return float(np.abs(x - y).max() / max(np.abs(y).max(), 1e-30))
-
-
-def elementwise_rel_err(features, exact):
-    f = np.asarray(features, np.float64)
-    return float(np.max(np.abs(f[..., 0] + 1j * f[..., 1] - exact) / np.abs(exact)))
 
 
 def test_backend_reports_the_gpu():

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import elementwise_rel_err, rel_err  # noqa: E402
 from phase1_jax.kernels import _pallas_backend
 from phase1_jax.kernels.ar_ssm_scan import ar_ssm_scan, ar_ssm_scan_reference
 from phase1_jax.kernels.ar_ssm_scan.config import ArSsmScanConfig, layout
@@ -27,15 +28,6 @@ INTERPRET = not ON_GPU
 pytestmark = pytest.mark.filterwarnings(f"ignore:{_pallas_backend.TRITON_DEPRECATION}:DeprecationWarning")
 
 
-def rel_err(x, y):
-    """max |x - y| / max |y| in float64."""
-    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
-    return float(np.abs(x - y).max() / max(np.abs(y).max(), 1e-30))
-
-
-def elementwise_rel_err(features, exact):
-    f = np.asarray(features, np.float64)
-    return float(np.max(np.abs(f[..., 0] + 1j * f[..., 1] - exact) / np.abs(exact)))
 
 
 # ---------------------------------------------------------------------------------------------------- AR-SSM
