@@ -12,15 +12,13 @@ from __future__ import annotations
 
 import dataclasses
 
+from .._checks import is_power_of_two
+
 # Programs wanted in flight: about two per streaming multiprocessor of an H100 (132 SMs); smaller cards just run
 # more waves. Segments cost a first pass over u and g (half the forward's reads again), so they are used only when
 # B * ceil(R / block_r) is below about one program per SM.
 TARGET_PROGRAMS = 264
 MIN_PROGRAMS_WITHOUT_SEGMENTS = 128
-
-
-def _is_power_of_two(n: int) -> bool:
-    return n >= 1 and (n & (n - 1)) == 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,7 +36,7 @@ class ArSsmScanConfig:
     def __post_init__(self):
         for name in ("block_t", "block_r"):
             value = getattr(self, name)
-            if not isinstance(value, int) or not _is_power_of_two(value):
+            if not is_power_of_two(value):
                 raise ValueError(f"ArSsmScanConfig.{name} must be a power of two >= 1, got {value!r}")
         if self.num_segments is not None and (not isinstance(self.num_segments, int) or self.num_segments < 1):
             raise ValueError(f"ArSsmScanConfig.num_segments must be None or an int >= 1, got {self.num_segments!r}")

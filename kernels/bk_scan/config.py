@@ -16,9 +16,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
-
-def _pow2(n: int) -> bool:
-    return isinstance(n, int) and n >= 1 and (n & (n - 1)) == 0
+from .._checks import is_power_of_two
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,10 +31,10 @@ class BkScanConfig:
     num_stages: int = 1
 
     def __post_init__(self):
-        if self.chunk is not None and (not _pow2(self.chunk) or self.chunk < self.vector):
+        if self.chunk is not None and (not is_power_of_two(self.chunk) or self.chunk < self.vector):
             raise ValueError(f"BkScanConfig.chunk must be None or a power of two >= vector, got {self.chunk!r}")
         for name in ("vector", "lanes", "carry_rows", "carry_vector"):
-            if not _pow2(getattr(self, name)):
+            if not is_power_of_two(getattr(self, name)):
                 raise ValueError(f"BkScanConfig.{name} must be a power of two, got {getattr(self, name)!r}")
         for name in ("num_warps", "carry_warps"):
             if getattr(self, name) not in (1, 2, 4, 8, 16):

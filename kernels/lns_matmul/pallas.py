@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from .. import _pallas_backend as backend
+from .._checks import is_power_of_two
 
 F32 = jnp.float32
 
@@ -36,7 +37,7 @@ class LnsMatmulConfig:
     def __post_init__(self):
         for name in ("block_m", "block_n", "block_k"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1 or value & (value - 1):
+            if not is_power_of_two(value):
                 raise ValueError(f"LnsMatmulConfig.{name} must be a power of two, got {value!r}")
 
 
