@@ -1,6 +1,6 @@
 """Roofline benchmark of the Pallas kernels against their XLA baselines, all measured in one process on one card.
 
-    python benchmarks/kernels.py [--out results.json] [--quick] [--only ar,bk,lns,train] [--sweep]
+    python benchmarks/kernels.py [--out results.json] [--quick] [--only ar,bk,bkref,lns,train] [--sweep]
 
 Measures, in this order: the copy bandwidth of the card (a large device-to-device elementwise copy, bytes read plus
 bytes written), then for each op the XLA baselines and the kernels at the sizes of issue 4, and prints a table; the
@@ -37,6 +37,8 @@ from phase1_jax.kernels import _pallas_backend
 DATE = "2026-11-26"
 # --smoke: tiny sizes and the Pallas interpreter, to check this script on a machine without a GPU (no timings).
 SMOKE = False
+# --no-baselines (iterating on a kernel): skip the slow XLA baselines; reported figures need them.
+BASELINES = True
 
 
 # --------------------------------------------------------------------------------------------------- timing
@@ -247,8 +249,29 @@ def _associative_scan_causal(a, z=1j):
     return jnp.stack([jnp.real(g), jnp.imag(g)], axis=-1)
 
 
-def bench_bk(copy_bw, quick, sweep):
+def _bk_baselines(shape, sets, grad_sets, copy_bw):
+    """The XLA / lax compositions the kernels are compared with (causal, bidirectional, causal fwd+bwd)."""
     from phase1_jax.kernels.bk_scan import causal_scan_reference, xla as bkx
+
+    batch, n = sets[0][0].shape
+    minimal = 12 * batch * n
+    base = {}
+    with jax.default_matmul_precision("highest"):
+        t, s = time_op(_associative_scan_causal, sets[:2], k1=1, k2=3, reps=5)
+        base["assoc"] = record("bk_causal", shape, "fwd lax.associative_scan (issue)", t, s, minimal, copy_bw)
+        t, s = time_op(bkx.causal_features, sets[:2], k1=1, k2=3, reps=5)
+        base["xla"] = record("bk_causal", shape, "fwd xla (doubling scan)", t, s, minimal, copy_bw)
+        if n <= 8192:
+            t, s = time_op(causal_scan_reference, sets[:2], k1=1, k2=2, reps=3)
+            base["lax.scan"] = record("bk_causal", shape, "fwd lax.scan sequential", t, s, minimal, copy_bw)
+        t, s = time_op(bkx.bidirectional_features, sets[:2], k1=1, k2=3, reps=5)
+        base_bi = {"xla": record("bk_bidir", shape, "fwd xla (doubling scan)", t, s, minimal, copy_bw)}
+        t, s = time_op(lambda a, w: jax.vjp(bkx.causal_features, a)[1](w)[0], grad_sets[:2], k1=1, k2=3, reps=5)
+        base_g = {"xla": record("bk_causal", shape, "fwd+bwd (vjp) xla", t, s, 32 * batch * n, copy_bw)}
+    return base, base_bi, base_g
+
+
+def bench_bk(copy_bw, quick, sweep):
     from phase1_jax.kernels.bk_scan.config import BkScanConfig, describe
     from phase1_jax.kernels.bk_scan.pallas import bidirectional_features_pallas, causal_features_pallas
 
@@ -260,29 +283,13 @@ def bench_bk(copy_bw, quick, sweep):
                 for _ in range(sets_n)]
         grad_sets = [(s[0], _random(rng, (batch, n, 2))) for s in sets]
         minimal = 12 * batch * n  # read a (4 B), write G (8 B)
-        base = {}
-        with jax.default_matmul_precision("highest"):
-            t, s = time_op(_associative_scan_causal, sets[:2], k1=1, k2=3, reps=5)
-            base["assoc"] = record("bk_causal", shape, "fwd lax.associative_scan (issue)", t, s, minimal, copy_bw)
-            t, s = time_op(bkx.causal_features, sets[:2], k1=1, k2=3, reps=5)
-            base["xla"] = record("bk_causal", shape, "fwd xla (doubling scan)", t, s, minimal, copy_bw)
-            if n <= 8192:
-                t, s = time_op(causal_scan_reference, sets[:2], k1=1, k2=2, reps=3)
-                base["lax.scan"] = record("bk_causal", shape, "fwd lax.scan sequential", t, s, minimal, copy_bw)
-            t, s = time_op(bkx.bidirectional_features, sets[:2], k1=1, k2=3, reps=5)
-            base_bi = {"xla": record("bk_bidir", shape, "fwd xla (doubling scan)", t, s, minimal, copy_bw)}
-
-            def grad_of(fn):
-                return lambda a, w: jax.vjp(fn, a)[1](w)[0]
-
-            t, s = time_op(grad_of(bkx.causal_features), grad_sets[:2], k1=1, k2=3, reps=5)
-            base_g = {"xla": record("bk_causal", shape, "fwd+bwd (vjp) xla", t, s, 32 * batch * n, copy_bw)}
+        base, base_bi, base_g = _bk_baselines(shape, sets, grad_sets, copy_bw) if BASELINES else ({}, {}, {})
 
         configs = [None]
         if sweep:
-            configs += [BkScanConfig(chunk=ch, lanes=ln, num_warps=w, vector=vec)
-                        for ch, ln, w, vec in [(128, 128, 4, 4), (256, 128, 4, 4), (128, 32, 1, 8),
-                                               (256, 128, 4, 16), (64, 128, 4, 4)]]
+            configs += [BkScanConfig(scan_lanes=lanes, scan_vector=vector, scan_warps=warps)
+                        for lanes, vector, warps in [(32, 16, 1), (32, 32, 1), (64, 16, 2), (64, 32, 2), (128, 16, 4),
+                                                     (256, 16, 8)]]
         for config in configs:
             label = describe(config or BkScanConfig(), batch, n)
             tag = "default" if config is None else "sweep"
@@ -296,6 +303,22 @@ def bench_bk(copy_bw, quick, sweep):
                 t, s = time_op(lambda a, w: jax.vjp(causal, a)[1](w)[0], grad_sets)
                 # minimal bytes of forward + backward: read a, write G; read G and the cotangent, write grad a
                 record("bk_causal", shape, "fwd+bwd (vjp) pallas", t, s, 32 * batch * n, copy_bw, base_g, note=label)
+
+
+def bench_bk_reference(copy_bw, quick, sweep):
+    """Reference numerics (imported PyTorch models): the XLA doubling-scan path against the Pallas kernel."""
+    from phase1_jax.kernels.bk_scan import xla as bkx
+    from phase1_jax.kernels.bk_scan.pallas_reference import reference_mode_features_pallas
+
+    for batch, n in [(2, 300)] if SMOKE else [(16, 2048), (16, 8192)]:
+        shape = f"B={batch} N={n}"
+        rng = np.random.default_rng(4)
+        sets = [(jnp.asarray(np.float32(-2.0) + rng.uniform(-3, 3, (batch, n)), jnp.float32),) for _ in range(4)]
+        minimal = 12 * batch * n
+        t, s = time_op(bkx.reference_mode_features, sets[:2], k1=1, k2=3, reps=5)
+        base = {"xla": record("bk_reference", shape, "fwd xla (doubling scan)", t, s, minimal, copy_bw)}
+        t, s = time_op(functools.partial(reference_mode_features_pallas, interpret=SMOKE), sets)
+        record("bk_reference", shape, "fwd pallas default", t, s, minimal, copy_bw, base)
 
 
 # --------------------------------------------------------------------------------------------------------- LNS
@@ -347,9 +370,10 @@ def bench_train(copy_bw, quick, sweep):
     rng = np.random.default_rng(4)
     tokens = rng.integers(0, 256, (batch, seq + 1)).astype(np.int32)
     data = Batch(inputs=jnp.asarray(tokens[:, :-1]), targets=jnp.asarray(tokens[:, 1:]))
-    results = {}
     original = _pallas_backend.default_is_pallas
+    steps = {}
     for label, use_kernels in [("kernels (GPU default)", True), ("xla paths", False)]:
+        # The implementation is chosen when the step is traced: patch the default only around tracing/compiling.
         _pallas_backend.default_is_pallas = original if use_kernels else (lambda *args, **kwargs: False)
         try:
             model = create_phase1_model(vocab_size=256, d_model=256, n_layers=4, n_seq=seq, phase1="8gb", seed=0)
@@ -358,20 +382,25 @@ def bench_train(copy_bw, quick, sweep):
             step = make_train_step(graphdef, optimizer, model.config, train_cfg)
             state, _ = step(state, data)
             jax.block_until_ready(state)
-            times = []
-            for _ in range(20):
-                start = time.perf_counter()
-                state, metrics = step(state, data)
-                jax.block_until_ready(metrics["loss"])
-                times.append(time.perf_counter() - start)
-            results[label] = statistics.median(times)
-            spread = (sorted(times)[15] - sorted(times)[5])
-            record("train", f"B={batch} L={seq} d=256 4 layers", label, results[label], spread,
-                   note="phase1 preset 8gb, float32")
+            steps[label] = [step, state]
         finally:
             _pallas_backend.default_is_pallas = original
-    if len(results) == 2:
-        print(f"  train step: xla / kernels = {results['xla paths'] / results['kernels (GPU default)']:.2f}x")
+    # Interleaved rounds, so that clock ramps and host noise hit both variants alike.
+    times = {label: [] for label in steps}
+    for _ in range(1 if SMOKE else 4):
+        for label, entry in steps.items():
+            for _ in range(10):
+                start = time.perf_counter()
+                entry[1], metrics = entry[0](entry[1], data)
+                jax.block_until_ready(metrics["loss"])
+                times[label].append(time.perf_counter() - start)
+    results = {}
+    for label, samples in times.items():
+        results[label] = statistics.median(samples)
+        ordered = sorted(samples)
+        record("train", f"B={batch} L={seq} d=256 4 layers", label, results[label],
+               ordered[len(ordered) * 3 // 4] - ordered[len(ordered) // 4], note="phase1 preset 8gb, float32")
+    print(f"  train step: xla / kernels = {results['xla paths'] / results['kernels (GPU default)']:.2f}x")
 
 
 # ------------------------------------------------------------------------------------------------ ncu profile
@@ -402,14 +431,17 @@ def profile_run():
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="kernels_benchmark.json")
-    parser.add_argument("--only", default="ar,bk,lns,train")
+    parser.add_argument("--only", default="ar,bk,bkref,lns,train")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--sweep", action="store_true", help="also time a few block-size variants")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, Pallas interpreter: checks the script")
+    parser.add_argument("--no-baselines", action="store_true",
+                        help="skip the slow XLA baselines (for sweeps while iterating; reported runs keep them)")
     parser.add_argument("--profile", action="store_true", help="only run each kernel twice (for ncu)")
     args = parser.parse_args(argv)
-    global SMOKE
+    global SMOKE, BASELINES
     SMOKE = args.smoke
+    BASELINES = not args.no_baselines
     if args.profile:
         warnings.filterwarnings("ignore", message=_pallas_backend.TRITON_DEPRECATION, category=DeprecationWarning)
         profile_run()
@@ -418,7 +450,7 @@ def main(argv=None):
     device = jax.devices()[0]
     print(f"device: {device.device_kind} ({jax.default_backend()}), jax {jax.__version__}, date {DATE}", flush=True)
     copy_bw = copy_bandwidth(args.quick)
-    benches = {"ar": bench_ar, "bk": bench_bk, "lns": bench_lns, "train": bench_train}
+    benches = {"ar": bench_ar, "bk": bench_bk, "bkref": bench_bk_reference, "lns": bench_lns, "train": bench_train}
     failures = {}
     def save():
         result = dict(device=device.device_kind, backend=jax.default_backend(), jax=jax.__version__, date=DATE,

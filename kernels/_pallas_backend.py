@@ -21,6 +21,7 @@ import functools
 import warnings
 
 import jax
+import jax.extend.core
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
@@ -157,3 +158,81 @@ def store(ref_view, value, mask=None) -> None:
 
 
 program_id = pl.program_id
+
+
+# --------------------------------------------------------------------------------------------------------------
+# associative_scan: an in-register scan across the lanes of a program, with any associative combine.
+#
+# Pallas lowers only `cumsum` to Triton's scan op (`tt.scan`, warp shuffles plus shared memory across warps); the
+# BK kernels need the same op over 2x2 complex matrices. `associative_scan` is a primitive of our own: inside a
+# compiled kernel it becomes one `tt.scan` whose combine region is the traced `combine`; everywhere else
+# (interpret mode, plain XLA) it is `lax.associative_scan`. Its Triton rule reaches into Pallas internals
+# (`jax._src.pallas.triton.lowering`), which is why it lives here, beside the other backend decisions; the rule is
+# checked by tests/test_pallas_kernels.py on CPU (IR lowering) and on the GPU.
+# --------------------------------------------------------------------------------------------------------------
+
+_scan_p = jax.extend.core.Primitive("phase1_associative_scan")
+_scan_p.multiple_results = True
+
+
+def associative_scan(combine, operands, *, reverse: bool = False):
+    """Inclusive scan along axis 0 of the 1-D arrays `operands` (a tuple) with an associative `combine`.
+
+    combine(earlier, later) -> tuple takes and returns tuples of scalars (elementwise jnp/lax code, no array
+    constants); "earlier" is the element nearer the start of the scan (the higher index when `reverse`), as in
+    `lax.associative_scan`.
+    """
+    operands = tuple(operands)
+    if not operands or any(x.ndim != 1 or x.shape != operands[0].shape for x in operands):
+        raise ValueError(f"associative_scan wants 1-D operands of one shape, got {[x.shape for x in operands]}")
+    return tuple(_scan_p.bind(*operands, combine=combine, reverse=bool(reverse)))
+
+
+def _scan_impl(*operands, combine, reverse):
+    return list(jax.lax.associative_scan(lambda a, b: tuple(combine(tuple(a), tuple(b))), tuple(operands),
+                                         reverse=reverse))
+
+
+_scan_p.def_impl(_scan_impl)
+_scan_p.def_abstract_eval(lambda *avals, combine, reverse: list(avals))
+
+
+def _register_xla_lowering():
+    from jax.interpreters import mlir
+
+    mlir.register_lowering(_scan_p, mlir.lower_fun(_scan_impl, multiple_results=True))
+
+
+def _register_triton_lowering():
+    """Lower `associative_scan` to one tt.scan; a jax without the internals used here keeps the XLA form only."""
+    try:
+        from jax._src.lib.mlir import ir
+        from jax._src.lib.triton import dialect as tt_dialect
+        from jax._src.pallas.triton import lowering as triton_lowering
+    except ImportError:  # pragma: no cover - depends on the installed jax
+        return
+
+    def rule(ctx, *operands, combine, reverse):
+        count = len(operands)
+        scalars = [jax.ShapeDtypeStruct((), aval.dtype) for aval in ctx.avals_in]
+
+        def flat(*args):
+            return list(combine(tuple(args[:count]), tuple(args[count:])))
+
+        closed = jax.make_jaxpr(flat)(*scalars, *scalars)
+        if closed.consts:
+            raise NotImplementedError("associative_scan: the combine function must not close over arrays")
+        element_types = [ir.RankedTensorType(x.type).element_type for x in operands]
+        scan = tt_dialect.ScanOp(list(operands), 0, reverse)
+        block = scan.regions[0].blocks.append(*element_types, *element_types)
+        with ir.InsertionPoint.at_block_begin(block):
+            tt_dialect.scan_return(
+                triton_lowering.lower_jaxpr_to_triton_ir(ctx.context, closed.jaxpr, None, *block.arguments))
+        scan.verify()
+        return list(scan.result)
+
+    triton_lowering.triton_lowering_rules[_scan_p] = rule
+
+
+_register_xla_lowering()
+_register_triton_lowering()

@@ -114,7 +114,10 @@ def test_ar_ssm_long_sequence_is_sound_in_float32():
 
 # ------------------------------------------------------------------------------------------------------- BK
 
-BK_CONFIG = BkScanConfig(chunk=8, vector=4, lanes=4, carry_rows=2, carry_vector=2)
+# Forward: chunks of 4 lanes x 4 positions (N = 37: three chunks, the last partial); backward: chunks of 8.
+BK_CONFIG = BkScanConfig(chunk=8, vector=4, lanes=4, carry_rows=2, carry_vector=2, scan_lanes=4, scan_vector=4)
+# 16 positions per lane: the lane products and states are renormalised inside a lane's block.
+BK_WIDE = BkScanConfig(chunk=8, vector=4, lanes=4, carry_rows=2, carry_vector=2, scan_lanes=2, scan_vector=16)
 
 
 def bk_case(seed, batch=3, n=37, coupled=True):
@@ -165,15 +168,65 @@ def test_bk_long_sequence_accuracy_against_float64():
     assert elementwise_rel_err(out, bidirectional_numpy(a)) <= 1e-5
 
 
-def test_bk_single_step_and_huge_potentials():
-    # N = 1 (one padded chunk) and |a| ~ 1e4, where the renormalisation bound of the config is reached.
+@pytest.mark.parametrize("config", [BK_CONFIG, BK_WIDE], ids=["vector4", "vector16"])
+def test_bk_single_step_and_huge_potentials(config):
+    # N = 1 (one padded chunk) and |a| ~ 1e4, where the renormalisation bound of the config is reached: with 16
+    # positions per lane, a product renormalised only once per block would overflow ((1e4)^16 > 3e38).
     a1 = np.array([[-1.5], [0.25]], np.float32)
-    out = causal_features_pallas(a1, config=BK_CONFIG, interpret=INTERPRET)
-    assert elementwise_rel_err(out, causal_numpy(a1)) <= 1e-6
-    a = np.random.default_rng(5).uniform(-1e4, 1e4, (2, 41)).astype(np.float32)
-    out = causal_features_pallas(a, config=BK_CONFIG, interpret=INTERPRET)
-    assert np.all(np.isfinite(np.asarray(out)))
-    assert elementwise_rel_err(out, causal_numpy(a)) <= 1e-5
+    for kernel, oracle in [(causal_features_pallas, causal_numpy), (bidirectional_features_pallas, bidirectional_numpy)]:
+        out = kernel(a1, config=config, interpret=INTERPRET)
+        assert elementwise_rel_err(out, oracle(a1)) <= 1e-6
+        a = np.random.default_rng(5).uniform(-1e4, 1e4, (2, 41)).astype(np.float32)
+        out = kernel(a, config=config, interpret=INTERPRET)
+        assert np.all(np.isfinite(np.asarray(out)))
+        assert elementwise_rel_err(out, oracle(a)) <= 1e-5
+
+
+def test_bk_real_energy_with_a_padded_last_chunk():
+    # z = 0 and N = 37 (the last forward chunk padded): the right sweep runs through the padding first, whose steps
+    # must keep the state finite and non-zero for the first real step to discard it.
+    a = (np.float32(-2.0) + np.random.default_rng(8).uniform(-3, 3, (2, 37))).astype(np.float32)
+    for kernel, oracle in [(causal_features_pallas, causal_numpy), (bidirectional_features_pallas, bidirectional_numpy)]:
+        out = kernel(a, None, None, 0.0, config=BK_CONFIG, interpret=INTERPRET)
+        assert np.all(np.isfinite(np.asarray(out)))
+        assert rel_err(out, np.stack([oracle(a, None, None, 0.0).real, oracle(a, None, None, 0.0).imag], -1)) <= 1e-4
+
+
+def _matrix_scan_kernel(lanes, reverse):
+    """A kernel scanning (4, lanes) real 2x2 matrices (rows m00, m01, m10, m11) across its lanes: later @ earlier."""
+    def combine(earlier, later):
+        e00, e01, e10, e11 = earlier
+        l00, l01, l10, l11 = later
+        return (l00 * e00 + l01 * e10, l00 * e01 + l01 * e11, l10 * e00 + l11 * e10, l10 * e01 + l11 * e11)
+
+    def kernel(x_ref, o_ref):
+        lane = jnp.arange(lanes)
+        planes = tuple(_pallas_backend.load(x_ref.at[j, lane]) for j in range(4))
+        for j, plane in enumerate(_pallas_backend.associative_scan(combine, planes, reverse=reverse)):
+            _pallas_backend.store(o_ref.at[j, lane], plane)
+
+    return _pallas_backend.pallas_call(kernel, out_shape=jax.ShapeDtypeStruct((4, lanes), jnp.float32), grid=(1,),
+                                       num_warps=1 if lanes <= 32 else 4, num_stages=1, interpret=INTERPRET,
+                                       name="matrix_scan_test")
+
+
+@pytest.mark.parametrize("lanes", [8, 256])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_associative_scan_keeps_the_order_of_a_non_commutative_combine(lanes, reverse):
+    # The in-register lane scan of the BK kernels (one tt.scan when compiled). Matrix products do not commute, so
+    # a combine applied in the wrong order (or a reverse scan read the wrong way) fails.
+    # Rotations with a random shear: products stay O(1) over 256 factors, and no two factors commute.
+    rng = np.random.default_rng(lanes)
+    angle, shear = rng.uniform(0, 2 * np.pi, lanes), rng.uniform(-0.3, 0.3, lanes)
+    x = np.stack([np.cos(angle) + shear, -np.sin(angle), np.sin(angle), np.cos(angle) - shear]).astype(np.float32)
+    got = np.asarray(jax.jit(_matrix_scan_kernel(lanes, reverse))(x))
+    mats = x.T.reshape(lanes, 2, 2).astype(np.float64)
+    want, acc = np.zeros_like(mats), None
+    for i in (range(lanes - 1, -1, -1) if reverse else range(lanes)):
+        acc = mats[i] if acc is None else mats[i] @ acc
+        want[i] = acc
+    want = want.reshape(lanes, 4).T
+    assert np.max(np.abs(got - want)) <= 1e-4 * np.abs(want).max()
 
 
 # ------------------------------------------------------------------------------------------------------ LNS
@@ -229,7 +282,10 @@ def test_every_kernel_lowers_to_triton_for_cuda(monkeypatch):
         return [lns_matmul_pallas(la, sa, lb, sb, algorithm=alg) for alg in ("max_log", "exact")]
 
     for fn, args, kernels in [(jax.grad(loss_ar, (0, 1, 2)), (f32(2, 300, 40),) * 3, 4),
+                              # Causal: 3 forward + 3 backward kernels; bidirectional: its fused forward is dead code
+                              # under grad, the backward recomputes both sides (3 + 3) and runs their backward (3 + 3).
                               (jax.grad(loss_bk), (f32(3, 1000), f32(999)), 18),
+                              (bidirectional_features_pallas, (f32(3, 1000),), 3),
                               (lns, (f32(40, 30), f32(40, 30), f32(30, 20), f32(30, 20)), 2)]:
         text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
         assert text.count("triton") >= kernels

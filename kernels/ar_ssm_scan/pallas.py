@@ -31,7 +31,6 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 
 from .. import _pallas_backend as backend
 from .config import ArSsmScanConfig, default_config, layout

@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 
 from .. import _pallas_backend
-from . import pallas, reference, xla
+from . import pallas, pallas_reference, reference, xla
 
 NUMERICS = ("reference", "native")
 DIRECTIONS = ("causal", "bidirectional")
@@ -15,17 +15,18 @@ PLANNED_IMPLEMENTATIONS = ()
 
 
 def default_implementation(numerics: str = "native") -> str:
-    """"scan" on CPU; "pallas" for native numerics on a CUDA GPU >= sm_80; "xla" elsewhere.
+    """"scan" on CPU; "pallas" on a CUDA GPU >= sm_80 (both numerics); "xla" elsewhere.
 
     On a CPU the sequential lax.scan is 20-30x faster than the parallel (recursive-doubling) form and compiles
     in a fraction of the time; the parallel form is for accelerators, where a sequential loop leaves the chip idle.
-    On a GPU the Pallas kernels (chunked three-phase scans, see `pallas.py`) replace the parallel form for native
-    numerics; reference numerics have no kernel yet and stay "xla". A GPU where the kernels cannot run falls back
-    to "xla" with a one-time warning.
+    (Reference numerics have no sequential variant: their "scan" is the XLA forward.) On a GPU the Pallas kernels
+    (chunked three-phase scans: `pallas.py` for native numerics, `pallas_reference.py` for the sweeps of reference
+    numerics) replace the parallel form. A GPU where the kernels cannot run falls back to "xla" with a one-time
+    warning.
     """
     if jax.default_backend() == "cpu":
         return "scan"
-    if numerics == "native" and _pallas_backend.default_is_pallas("bk_scan"):
+    if _pallas_backend.default_is_pallas("bk_scan"):
         return "pallas"
     return "xla"
 
@@ -37,6 +38,8 @@ _TABLE = {
     # Sequential lax.scan in complex64, differentiated by JAX (exact): the fast choice on a CPU. Reference numerics
     # have no sequential variant, so "scan" uses the log-magnitude (xla) forward there.
     ("reference", None, "scan"): xla.reference_mode_features,
+    # The XLA forward with its three sweeps computed by a Pallas kernel; the same cliff logic and heuristic backward.
+    ("reference", None, "pallas"): pallas_reference.reference_mode_features_pallas,
     ("native", "causal", "scan"): reference.causal_scan_reference,
     ("native", "bidirectional", "scan"): reference.bidirectional_scan_reference,
     ("native", "causal", "reference"): reference.causal_scan_reference,
@@ -63,10 +66,6 @@ def resolve(numerics: str, direction: str = "causal", implementation: str | None
         implementation = default_implementation(numerics)
     _check_choice("implementation", implementation, IMPLEMENTATIONS + (None,))
     if implementation == "pallas":
-        if numerics == "reference":
-            raise NotImplementedError(
-                "implementation='pallas' is not available for numerics='reference' (no reference-mode kernel "
-                "yet); use implementation='xla' or 'reference'")
         _pallas_backend.require("bk_scan", False, alternatives="'xla', 'scan' or 'reference'")
     return _TABLE[(numerics, None if numerics == "reference" else direction, implementation)]
 
@@ -83,11 +82,12 @@ def bk_features(a, b, c, z, *, numerics: str, direction: str = "causal", impleme
       "native"     finite at any length, exact gradients for `a`.
     direction (native only): "causal" gives g_t = [(H_{0..t} - z)^-1]_{tt}, which depends on a_0..a_t only;
       "bidirectional" gives [(H - zI)^-1]_ii, which depends on the whole sequence.
-    implementation: None (the default: "scan" on CPU; on a CUDA GPU >= sm_80 "pallas" for native numerics and
-      "xla" for reference numerics; "xla" on other accelerators), "pallas" (native numerics only: Pallas/Triton
-      kernels with exact backward kernels; raises PallasUnavailableError where they cannot run), "xla" (parallel
-      scans), "scan" (sequential lax.scan, exact autodiff gradients) or "reference" (sequential lax.scan for native;
-      for reference numerics, the exact complex128 forward run on the host through a callback: slow).
+    implementation: None (the default: "scan" on CPU, "pallas" on a CUDA GPU >= sm_80, "xla" on other
+      accelerators), "pallas" (Pallas/Triton kernels; native numerics: exact backward kernels; reference numerics:
+      the sweeps in a kernel, the rest and the heuristic backward in XLA; raises PallasUnavailableError where they
+      cannot run), "xla" (parallel scans), "scan" (sequential lax.scan, exact autodiff gradients; for reference
+      numerics the same as "xla") or "reference" (sequential lax.scan for native; for reference numerics, the exact
+      complex128 forward run on the host through a callback: slow).
     b, c and z never receive gradients.
     """
     return resolve(numerics, direction, implementation)(a, b, c, z)

@@ -1,4 +1,17 @@
-"""Block sizes of the BK-Core Pallas scan (chunked three-phase form, see `pallas.py`).
+"""Block sizes of the BK-Core Pallas kernels (see `pallas.py`).
+
+Forward (lane-scan form, two launches):
+scan_lanes   lanes per program of the forward kernels; a program is one chunk of scan_lanes * scan_vector positions
+             of one row, each lane owns `scan_vector` consecutive positions, and the lanes' 2x2 maps are combined
+             by an in-register scan (Triton `tt.scan`). None picks chunks of ~4 sqrt(N) positions: the power of
+             two nearest 4 sqrt(N) / scan_vector within [32, 1024] (the best of the H100 sweeps at N = 8192 and
+             65,536, docs/perf/NOTES.md).
+scan_vector  consecutive positions per lane in the forward kernels (a power of two): more amortises the lane scan
+             (one 2x2 matrix combine tree per program) over more positions, at the cost of registers. States and
+             products are renormalised every 8 steps whatever the width. None: 32 from N = 32,768 on, else 16.
+scan_warps   warps per program of the forward kernels; None: one lane per thread (scan_lanes / 32, 1 to 8).
+
+Backward (chunked three-phase form; `chunk`, `lanes`, `carry_*` also size the reference-mode kernel):
 
 chunk      time steps per chunk (a power of two, a multiple of `vector`). Each chunk is one lane of phases 1 and
            3 (sequential over `chunk` steps); phase 2 is sequential over N / chunk chunks per row. The sequential
@@ -29,13 +42,22 @@ class BkScanConfig:
     num_warps: int = 4
     carry_warps: int = 1
     num_stages: int = 1
+    scan_lanes: int | None = None
+    scan_vector: int | None = None
+    scan_warps: int | None = None
 
     def __post_init__(self):
         if self.chunk is not None and (not is_power_of_two(self.chunk) or self.chunk < self.vector):
             raise ValueError(f"BkScanConfig.chunk must be None or a power of two >= vector, got {self.chunk!r}")
+        if self.scan_vector is not None and not is_power_of_two(self.scan_vector):
+            raise ValueError(f"BkScanConfig.scan_vector must be None or a power of two, got {self.scan_vector!r}")
         for name in ("vector", "lanes", "carry_rows", "carry_vector"):
             if not is_power_of_two(getattr(self, name)):
                 raise ValueError(f"BkScanConfig.{name} must be a power of two, got {getattr(self, name)!r}")
+        if self.scan_lanes is not None and (not is_power_of_two(self.scan_lanes) or self.scan_lanes < 2):
+            raise ValueError(f"BkScanConfig.scan_lanes must be None or a power of two >= 2, got {self.scan_lanes!r}")
+        if self.scan_warps is not None and self.scan_warps not in (1, 2, 4, 8, 16):
+            raise ValueError(f"BkScanConfig.scan_warps must be None, 1, 2, 4, 8 or 16, got {self.scan_warps!r}")
         for name in ("num_warps", "carry_warps"):
             if getattr(self, name) not in (1, 2, 4, 8, 16):
                 raise ValueError(f"BkScanConfig.{name} must be 1, 2, 4, 8 or 16, got {getattr(self, name)!r}")
@@ -48,8 +70,25 @@ class BkScanConfig:
         return max(self.vector, min(1024, 1 << max(0, math.ceil(math.log2(max(1.0, math.sqrt(n)))))))
 
 
+    def scan_lanes_for(self, n: int) -> int:
+        if self.scan_lanes is not None:
+            return self.scan_lanes
+        return 1 << min(10, max(5, round(math.log2(max(1.0, 4 * math.sqrt(n) / self.scan_vector_for(n))))))
+
+    def scan_vector_for(self, n: int) -> int:
+        if self.scan_vector is not None:
+            return self.scan_vector
+        return 32 if n >= 32768 else 16
+
+    def scan_warps_for(self, n: int) -> int:
+        if self.scan_warps is not None:
+            return self.scan_warps
+        return min(8, max(1, self.scan_lanes_for(n) // 32))
+
+
 def describe(config: BkScanConfig, batch: int, n: int) -> str:
-    chunk = config.chunk_for(n)
-    chunks = -(-n // chunk)
-    return (f"chunk={chunk} chunks={chunks} vector={config.vector} lanes={config.lanes} "
-            f"programs={-(-batch * chunks // config.lanes)} carry_rows={config.carry_rows} warps={config.num_warps}")
+    lanes = config.scan_lanes_for(n)
+    vector = config.scan_vector_for(n)
+    chunks = -(-n // (lanes * vector))
+    return (f"forward: lanes={lanes} vector={vector} chunks/row={chunks} programs={batch * chunks} "
+            f"warps={config.scan_warps_for(n)}; backward: chunk={config.chunk_for(n)} lanes={config.lanes}")

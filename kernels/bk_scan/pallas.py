@@ -6,24 +6,20 @@ which steps linearly:
 
     (p, q) -> (q, n),   n = d_t q - k_t p.
 
-Complex numbers are separate real and imaginary float32 planes. The state is renormalised by an exact power of two
-once per `vector` steps, so it never overflows and rounding is only that of the products; the division q / n is
-done on operands scaled by a power of two, so |n|^2 cannot overflow either. Nothing is ever differentiated through
-a kernel: every pallas_call sits inside a `jax.custom_vjp`.
+Complex numbers are separate real and imaginary float32 planes. States and products are renormalised by an exact
+power of two every 8 steps, so they never overflow and rounding is only that of the products; divisions are done on
+operands scaled by a power of two, so |n|^2 cannot overflow either. Nothing is ever differentiated through a
+kernel: every pallas_call sits inside a `jax.custom_vjp`.
 
-Forward (three launches, sequential depth chunk + N/chunk + chunk instead of N):
-  1. chunk maps:   one lane per (row, chunk) multiplies the chunk's 2x2 complex step matrices (renormalised), and
-                   writes the product (8 floats);
-  2. carries:      one lane per row applies the chunk products in order to the start state (0, 1), writing the
-                   state entering every chunk (4 floats per chunk); chunk products and states are stored
-                   chunk-major, (chunks * fields, B), so these row lanes load and store them coalesced;
-  3. values:       one lane per (row, chunk) restarts from its entering state and steps through the chunk, writing
-                   (Re g_t, Im g_t).
-Reads of a and writes of G are `vector` consecutive steps per lane (32 and 64 contiguous bytes).
+Forward (lane-scan form, three launches; see "forward kernels" below): lanes own runs of consecutive positions
+inside chunks of one row; an in-register scan over the lanes (`backend.associative_scan`, one Triton `tt.scan`)
+composes their 2x2 maps, a per-row scan composes the chunks, and a final pass steps every lane from its entering
+state. The bidirectional diagonal runs both continued fractions in the same three launches and writes G once.
 
 Backward (exact, for a only; b, c, z get zero cotangents as in `xla.py`): with upstream w_t = ct_re + i ct_im,
   lambda_t = w_t + A_t lambda_{t+1},  A_t = conj(k_{t+1} g_{t+1}^2),  grad a_t = -Re(conj(lambda_t) g_t^2),
-a reverse affine recurrence, run with the same three phases (chunk affine maps, carries between chunks, values).
+a reverse affine recurrence, run as a chunked three-phase scan (per-(row, chunk) lanes walking their chunk
+sequentially: chunk affine maps, per-row carries between chunks, values; `_Geometry`).
 
 `descending=True` runs the same recursions over positions N-1, ..., 0 with the coupling of the bond to the right
 (k_{t+1} at position t): the right continued fraction of the bidirectional resolvent.
@@ -168,9 +164,6 @@ class _Geometry:
         index, mask = self._pair_index(chunk, block, ok, shift)
         return backend.load(ref.at[row[:, None], index], mask=mask, other=0.0).astype(F32)
 
-    def store_pairs(self, ref, row, chunk, block, ok, re_cols, im_cols):
-        index, mask = self._pair_index(chunk, block, ok)
-        backend.store(ref.at[row[:, None], index], _interleave(re_cols, im_cols), mask=mask)
 
 
 def _split_refs(refs, geo, n_in_after):
@@ -184,39 +177,268 @@ _pipelined = backend.pipelined_loop
 
 
 # --------------------------------------------------------------------------------------------- forward kernels
+#
+# Lane-scan form (three launches). A program is one chunk of C = L * V positions of one row; lane l owns the V
+# consecutive positions chunk_start + l V + (0 .. V-1), so every load and store is one contiguous (L, V) tile.
+# Maps are 2x2 complex matrices as 8 planes (m00, m01, m10, m11; re, im each), renormalised by powers of two:
+# the recursions are projective, only ratios of the state are ever used.
+#   1. prefix:  each lane multiplies the step matrices of its V positions; an in-register scan over the lanes
+#               (`backend.associative_scan`, one tt.scan) gives every lane's inclusive prefix, all stored (8 floats
+#               per lane and sweep); the last lane's is the chunk's product.
+#   2. carry:   one program per row scans its chunk products and stores the state entering every chunk.
+#   3. values:  each lane applies its neighbour's prefix (the lanes before it) to its chunk's entering state and
+#               steps through its V positions writing the outputs: no cross-lane work.
+# The right sweep (x_t = d_t x_{t+1} - k_{t+1} x_{t+2}, gR_t = x_{t+1} / x_t) is the same with positions walked
+# downwards: reverse scans, the neighbour to the right. Positions past the end of a row (the padding of its last
+# chunk) come after every real position in the left sweep, where their outputs are masked; in the right sweep they
+# come first, and the bond past the last position has k = 0, so the step at N - 1 discards the state they produced
+# (as the step at 0 discards the left sweep's start state): only q != 0 is needed, and padding steps (d = 1 - i Im z,
+# k = 0) keep it non-zero.
 
-def _forward_loader(z_ref, a_ref, kc_ref, geo, row, chunk, ok):
-    zr = z_ref[0]
-
-    def load(block):
-        return geo.load_a(a_ref, row, chunk, block, ok) - zr, geo.coupling(kc_ref, row, chunk, block, ok)
-
-    return load
+_IDENTITY = (1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0)
+# Steps between renormalisations of a lane's running product or state: growth is at most (|d| + |k|)^8, finite in
+# float32 for |a - z| + |k| up to 1e4 (the bound the config documents).
+_RENORM_EVERY = 8
+_SIDES = {"left": ("left",), "right": ("right",), "both": ("left", "right")}
 
 
-def _maps_kernel(z_ref, a_ref, *refs, geo, lanes):
-    kc_ref, (maps_ref,) = _split_refs(refs, geo, 1)
-    row, chunk, ok = geo.lanes(lanes)
-    d_im = -z_ref[1]
+def _compose(earlier, later):
+    """later @ earlier for 2x2 complex matrices as 8 planes, renormalised (the lane-scan combine)."""
+    e00r, e00i, e01r, e01i, e10r, e10i, e11r, e11i = earlier
+    l00r, l00i, l01r, l01i, l10r, l10i, l11r, l11i = later
 
-    def compute(block, tiles, state):
-        d_re, kap = (_columns(t) for t in tiles)
-        x0r, x0i, y0r, y0i, x1r, x1i, y1r, y1i = state
-        for j in geo.order:
-            n0r = d_re[j] * y0r - d_im * y0i - kap[j] * x0r
-            n0i = d_re[j] * y0i + d_im * y0r - kap[j] * x0i
-            n1r = d_re[j] * y1r - d_im * y1i - kap[j] * x1r
-            n1i = d_re[j] * y1i + d_im * y1r - kap[j] * x1i
-            x0r, x0i, y0r, y0i = y0r, y0i, n0r, n0i
-            x1r, x1i, y1r, y1i = y1r, y1i, n1r, n1i
-        return tuple(_normalise([x0r, x0i, y0r, y0i, x1r, x1i, y1r, y1i]))
+    def dot(ar, ai, br, bi, cr, ci, dr, di):  # a b + c d
+        return ar * br - ai * bi + cr * dr - ci * di, ar * bi + ai * br + cr * di + ci * dr
 
-    one, zero = jnp.ones((lanes,), F32), jnp.zeros((lanes,), F32)
-    # Columns: the images of (1, 0) and (0, 1).
-    state = _pipelined(geo.chunk // geo.vector, _forward_loader(z_ref, a_ref, kc_ref, geo, row, chunk, ok),
-                       compute, (one, zero, zero, zero, zero, zero, one, zero))
-    _store_record(maps_ref, row, ok, chunk, 8, geo.chunks, state)
+    return tuple(_normalise([*dot(l00r, l00i, e00r, e00i, l01r, l01i, e10r, e10i),
+                             *dot(l00r, l00i, e01r, e01i, l01r, l01i, e11r, e11i),
+                             *dot(l10r, l10i, e00r, e00i, l11r, l11i, e10r, e10i),
+                             *dot(l10r, l10i, e01r, e01i, l11r, l11i, e11r, e11i)]))
 
+
+def _apply(m, p, q):
+    """m (p, q)^T for planes m and complex (p, q) given as (pr, pi, qr, qi); renormalised."""
+    m00r, m00i, m01r, m01i, m10r, m10i, m11r, m11i = m
+    pr, pi, qr, qi = p[0], p[1], q[0], q[1]
+    return _normalise([m00r * pr - m00i * pi + m01r * qr - m01i * qi, m00r * pi + m00i * pr + m01r * qi + m01i * qr,
+                       m10r * pr - m10i * pi + m11r * qr - m11i * qi, m10r * pi + m10i * pr + m11r * qi + m11i * qr])
+
+
+class _ScanGeometry:
+    """Static sizes and the index arithmetic of the forward kernels (flat (B * N,) inputs)."""
+
+    def __init__(self, *, n, batch, lanes, vector, coupling_rows, interpret):
+        self.n, self.batch, self.lanes, self.vector = n, batch, lanes, vector
+        self.chunk = lanes * vector
+        self.chunks = -(-n // self.chunk)
+        self.records = max(2, 1 << (self.chunks - 1).bit_length())  # a power of two >= chunks for the scans
+        self.coupling_rows = coupling_rows
+        self.interpret = interpret
+
+    def program(self):
+        pid = backend.program_id(0)
+        return pid // self.chunks, pid % self.chunks
+
+    def block(self, chunk, shift):
+        """Positions (L, V) of the block `shift` blocks after each lane's own, and which lanes' blocks lie inside
+        the chunk (the others are replaced by the identity map)."""
+        lane = jnp.arange(self.lanes, dtype=jnp.int32) + shift
+        inside = (lane >= 0) & (lane < self.lanes)
+        pos = (chunk * self.chunk + lane * self.vector)[:, None] + jnp.arange(self.vector, dtype=jnp.int32)[None]
+        return pos, inside[:, None] & (pos < self.n), inside
+
+    def _index(self, index, valid, size):
+        # The Pallas interpreter writes masked-off elements back with their old values: move them out of bounds.
+        return jnp.where(valid, index, size) if self.interpret else index
+
+    def load_a(self, a_ref, row, pos, valid):
+        index = self._index(row * self.n + pos, valid, self.batch * self.n)
+        return backend.load(a_ref.at[index], mask=valid, other=0.0).astype(F32)
+
+    def coupling(self, kc_ref, row, bond, valid):
+        """k of bond `bond` (coupling positions bond-1 and bond); 0 off the ends of the row."""
+        ok = valid & (bond >= 1) & (bond < self.n)
+        if self.coupling_rows == 0:
+            return jnp.where(ok, 1.0, 0.0).astype(F32)
+        krow = row if self.coupling_rows == self.batch else 0
+        index = self._index(krow * self.n + bond, ok, self.coupling_rows * self.n)
+        return backend.load(kc_ref.at[index], mask=ok, other=0.0).astype(F32)
+
+    def load_step_terms(self, a_ref, kc_ref, zr, row, chunk, shift, side):
+        """Per position of the block: (Re d, k of the step) as V columns each; left steps use k_t, right k_{t+1}."""
+        pos, valid, inside = self.block(chunk, shift)
+        # Padding steps get Re d = 1 (d = 1 - i Im z, never 0), so they keep the state's q non-zero even at z = 0.
+        d_re = jnp.where(valid, self.load_a(a_ref, row, pos, valid) - zr, 1.0)
+        kap = self.coupling(kc_ref, row, pos + (1 if side == "right" else 0), valid)
+        return _columns(d_re), _columns(kap), inside
+
+    # Lane scan entries, (B, chunks, 8 fields per side, L) flat: each field of a chunk is L contiguous floats.
+    def prefix_index(self, row, chunk, lane, field, n_sides):
+        return ((row * self.chunks + chunk) * 8 * n_sides + field) * self.lanes + lane
+
+    def prefix_size(self, n_sides):
+        return self.batch * self.chunks * 8 * n_sides * self.lanes
+
+    # States entering each chunk, (B, chunks, 4 fields per side) flat.
+    def state_index(self, row, chunk, field, n_sides):
+        return (row * self.chunks + chunk) * 4 * n_sides + field
+
+    def state_size(self, n_sides):
+        return self.batch * self.chunks * 4 * n_sides
+
+    def store_outputs(self, out_ref, row, chunk, re_cols, im_cols):
+        pos, valid, _ = self.block(chunk, 0)
+        two = jnp.arange(2, dtype=jnp.int32)[None, None, :]
+        index = (row * 2 * self.n + 2 * pos[:, :, None] + two).reshape(self.lanes, 2 * self.vector)
+        mask = jnp.broadcast_to(valid[:, :, None], (*valid.shape, 2)).reshape(index.shape)
+        backend.store(out_ref.at[self._index(index, mask, self.batch * 2 * self.n)],
+                      _interleave(re_cols, im_cols), mask=mask)
+
+
+def _order(side, vector):
+    return range(vector) if side == "left" else range(vector - 1, -1, -1)
+
+
+def _block_maps(d_re, d_im, kap, side, inside):
+    """Product of the block's step matrices [[0, 1], [-k, d]] in the side's order, per lane (identity outside)."""
+    x0r, x0i, y0r, y0i, x1r, x1i, y1r, y1i = (jnp.full(inside.shape, v, F32) for v in (1, 0, 0, 0, 0, 0, 1, 0))
+    for step, j in enumerate(_order(side, len(d_re))):
+        if step and step % _RENORM_EVERY == 0:
+            x0r, x0i, y0r, y0i, x1r, x1i, y1r, y1i = _normalise([x0r, x0i, y0r, y0i, x1r, x1i, y1r, y1i])
+        n0r = d_re[j] * y0r - d_im * y0i - kap[j] * x0r
+        n0i = d_re[j] * y0i + d_im * y0r - kap[j] * x0i
+        n1r = d_re[j] * y1r - d_im * y1i - kap[j] * x1r
+        n1i = d_re[j] * y1i + d_im * y1r - kap[j] * x1i
+        x0r, x0i, y0r, y0i = y0r, y0i, n0r, n0i
+        x1r, x1i, y1r, y1i = y1r, y1i, n1r, n1i
+    # Columns are the images of (1, 0) and (0, 1): m00 = x0, m10 = y0, m01 = x1, m11 = y1.
+    planes = _normalise([x0r, x0i, x1r, x1i, y0r, y0i, y1r, y1i])
+    return tuple(jnp.where(inside, p, identity) for p, identity in zip(planes, _IDENTITY))
+
+
+def _forward_prefix_kernel(z_ref, a_ref, *refs, geo, sides):
+    """Phase 1: per lane, the inclusive scan of the lanes' block maps within the chunk (reverse for the right
+    sweep), all lanes stored; the chunk's product is the entry of the lane the scan ends at."""
+    kc_ref, (prefix_ref,) = _split_refs(refs, geo, 1)
+    row, chunk = geo.program()
+    zr, d_im = z_ref[0], -z_ref[1]
+    lane = jnp.arange(geo.lanes, dtype=jnp.int32)
+    for s, side in enumerate(sides):
+        d_re, kap, inside = geo.load_step_terms(a_ref, kc_ref, zr, row, chunk, 0, side)
+        scanned = backend.associative_scan(_compose, _block_maps(d_re, d_im, kap, side, inside),
+                                           reverse=side == "right")
+        for f, plane in enumerate(scanned):
+            backend.store(prefix_ref.at[geo.prefix_index(row, chunk, lane, 8 * s + f, len(sides))], plane)
+
+
+def _forward_carry_kernel(prefix_ref, states_ref, *, geo, sides):
+    """Phase 2, one program per row: scan the chunk products and store the state entering every chunk (the
+    boundary state (0, 1) carried through the chunks before it; after it, for the right sweep)."""
+    row = backend.program_id(0)
+    idx = jnp.arange(geo.records, dtype=jnp.int32)
+    real = idx < geo.chunks
+    for s, side in enumerate(sides):
+        end_lane = geo.lanes - 1 if side == "left" else 0
+        record = tuple(backend.load(prefix_ref.at[geo._index(geo.prefix_index(row, idx, end_lane, 8 * s + f,
+                                                                              len(sides)),
+                                                             real, geo.prefix_size(len(sides)))],
+                                    mask=real, other=identity) for f, identity in enumerate(_IDENTITY))
+        scanned = backend.associative_scan(_compose, record, reverse=side == "right")
+        # The scan through chunk j is the map entering chunk j + 1 (j - 1 for the right sweep); applied to the
+        # boundary state (0, 1) it is the matrix's second column.
+        state = _normalise([scanned[2], scanned[3], scanned[6], scanned[7]])
+        target = idx + 1 if side == "left" else idx - 1
+        ok = real & (target >= 0) & (target < geo.chunks)
+        for f, plane in enumerate(state):
+            index = geo._index(geo.state_index(row, target, 4 * s + f, len(sides)), ok, geo.state_size(len(sides)))
+            backend.store(states_ref.at[index], plane, mask=ok)
+
+
+def _forward_values_kernel(z_ref, a_ref, *refs, geo, mode):
+    """Phase 3: each lane's entering state = (the neighbour lane's scan entry) applied to the chunk's entering
+    state; the lane then steps through its V positions and writes the outputs. No cross-lane work."""
+    kc_ref, (prefix_ref, states_ref, out_ref) = _split_refs(refs, geo, 3)
+    sides = _SIDES[mode]
+    row, chunk = geo.program()
+    zr, d_im = z_ref[0], -z_ref[1]
+    lane = jnp.arange(geo.lanes, dtype=jnp.int32)
+    own, lane_state = {}, {}
+    for s, side in enumerate(sides):
+        first = (chunk == 0) if side == "left" else (chunk == geo.chunks - 1)
+        stored = jnp.full((geo.lanes,), jnp.logical_not(first))
+        state_index = jnp.full((geo.lanes,), geo.state_index(row, chunk, 4 * s, len(sides)), jnp.int32)
+        entering = [backend.load(states_ref.at[geo._index(state_index + f, stored, geo.state_size(len(sides)))],
+                                 mask=stored, other=boundary) for f, boundary in enumerate((0.0, 0.0, 1.0, 0.0))]
+        neighbour = lane - 1 if side == "left" else lane + 1
+        has = (neighbour >= 0) & (neighbour < geo.lanes)
+        prefix = [backend.load(prefix_ref.at[geo._index(geo.prefix_index(row, chunk, neighbour, 8 * s + f,
+                                                                         len(sides)),
+                                                        has, geo.prefix_size(len(sides)))],
+                               mask=has, other=identity) for f, identity in enumerate(_IDENTITY)]
+        lane_state[side] = _apply(prefix, entering[:2], entering[2:])
+        own[side] = geo.load_step_terms(a_ref, kc_ref, zr, row, chunk, 0, side)[:2]
+
+    g_re, g_im = [None] * geo.vector, [None] * geo.vector
+    if mode == "both":
+        # G_t = 1 / (d_t - k_t gL_{t-1} - k_{t+1} gR_{t+1}); gL_{t-1} and gR_{t+1} are the ratios p / q of the
+        # states entering step t of either sweep.
+        from_left, from_right = [None] * geo.vector, [None] * geo.vector
+        for side, terms in (("left", from_left), ("right", from_right)):
+            d_re, kap = own[side]
+            pr, pi, qr, qi = lane_state[side]
+            for step, j in enumerate(_order(side, geo.vector)):
+                if step and step % _RENORM_EVERY == 0:
+                    pr, pi, qr, qi = _normalise([pr, pi, qr, qi])
+                rr, ri = _cdiv(pr, pi, qr, qi)
+                terms[j] = (kap[j] * rr, kap[j] * ri)
+                nr = d_re[j] * qr - d_im * qi - kap[j] * pr
+                ni = d_re[j] * qi + d_im * qr - kap[j] * pi
+                pr, pi, qr, qi = qr, qi, nr, ni
+        d_re = own["left"][0]
+        one, zero = jnp.ones_like(d_re[0]), jnp.zeros_like(d_re[0])
+        for j in range(geo.vector):
+            g_re[j], g_im[j] = _cdiv(one, zero, d_re[j] - from_left[j][0] - from_right[j][0],
+                                     d_im - from_left[j][1] - from_right[j][1])
+    else:
+        (side,) = sides
+        d_re, kap = own[side]
+        pr, pi, qr, qi = lane_state[side]
+        for step, j in enumerate(_order(side, geo.vector)):
+            if step and step % _RENORM_EVERY == 0:
+                pr, pi, qr, qi = _normalise([pr, pi, qr, qi])
+            nr = d_re[j] * qr - d_im * qi - kap[j] * pr
+            ni = d_re[j] * qi + d_im * qr - kap[j] * pi
+            g_re[j], g_im[j] = _cdiv(qr, qi, nr, ni)
+            pr, pi, qr, qi = qr, qi, nr, ni
+    geo.store_outputs(out_ref, row, chunk, g_re, g_im)
+
+
+def _forward(a, kc, zvec, mode, config, interpret):
+    """Interleaved (B, 2N) float32 [Re g_0, Im g_0, ...]: mode "left" (causal gL), "right" (gR) or "both" (G)."""
+    batch, n = a.shape
+    sides = _SIDES[mode]
+    geo = _ScanGeometry(n=n, batch=batch, lanes=config.scan_lanes_for(n), vector=config.scan_vector_for(n),
+                        coupling_rows=0 if kc is None else kc.shape[0], interpret=interpret)
+    coupling = () if kc is None else (kc.reshape(-1),)
+
+    warps = config.scan_warps_for(n)
+
+    def launch(kernel, out_size, name, grid, warps):
+        return backend.pallas_call(kernel, out_shape=jax.ShapeDtypeStruct((out_size,), F32), grid=(grid,),
+                                   num_warps=warps, num_stages=config.num_stages, interpret=interpret, name=name)
+
+    flat_a = a.reshape(-1)
+    programs = batch * geo.chunks
+    prefix = launch(functools.partial(_forward_prefix_kernel, geo=geo, sides=sides), geo.prefix_size(len(sides)),
+                    f"bk_{mode}_prefix", programs, warps)(zvec, flat_a, *coupling)
+    states = launch(functools.partial(_forward_carry_kernel, geo=geo, sides=sides), geo.state_size(len(sides)),
+                    f"bk_{mode}_carry", batch, config.carry_warps)(prefix)
+    out = launch(functools.partial(_forward_values_kernel, geo=geo, mode=mode), batch * 2 * n,
+                 f"bk_{mode}_values", programs, warps)(zvec, flat_a, *coupling, prefix, states)
+    return out.reshape(batch, 2 * n)
+
+
+# ------------------------------------------------------------------------------- per-chunk records (backward)
 
 def _row_block(rows, geo):
     row = backend.program_id(0) * rows + jnp.arange(rows, dtype=jnp.int32)
@@ -236,55 +458,6 @@ def _store_record(ref, row, row_ok, chunk, width, chunks, fields):
     ok = row_ok & (chunk < chunks)
     for j, value in enumerate(fields):
         backend.store(ref.at[chunk * width + j, row], value, mask=ok)
-
-
-def _carry_kernel(maps_ref, states_ref, *, geo, rows, vb):
-    row, row_ok = _row_block(rows, geo)
-    blocks = -(-geo.chunks // vb)
-
-    def load(block):
-        return [_record_columns(maps_ref, row, row_ok, block * vb + c, 8, geo.chunks) for c in range(vb)]
-
-    def compute(block, maps, state):
-        pr, pi, qr, qi = state
-        for c in range(vb):
-            _store_record(states_ref, row, row_ok, block * vb + c, 4, geo.chunks, (pr, pi, qr, qi))
-            x0r, x0i, y0r, y0i, x1r, x1i, y1r, y1i = maps[c]
-            npr = x0r * pr - x0i * pi + x1r * qr - x1i * qi
-            npi = x0r * pi + x0i * pr + x1r * qi + x1i * qr
-            nqr = y0r * pr - y0i * pi + y1r * qr - y1i * qi
-            nqi = y0r * pi + y0i * pr + y1r * qi + y1i * qr
-            pr, pi, qr, qi = npr, npi, nqr, nqi
-            # Map entries are <= 1 (renormalised), so the state at most doubles per chunk: renormalising every
-            # second chunk keeps it in range and halves the dependent chain's length.
-            if c % 2 == 1 or c == vb - 1:
-                pr, pi, qr, qi = _normalise([pr, pi, qr, qi])
-        return pr, pi, qr, qi
-
-    zero, one = jnp.zeros((rows,), F32), jnp.ones((rows,), F32)
-    _pipelined(blocks, load, compute, (zero, zero, one, zero))
-
-
-def _values_kernel(z_ref, a_ref, *refs, geo, lanes):
-    kc_ref, (states_ref, out_ref) = _split_refs(refs, geo, 2)
-    row, chunk, ok = geo.lanes(lanes)
-    d_im = -z_ref[1]
-    start = _record_columns(states_ref, row, ok, chunk, 4, geo.chunks)
-
-    def compute(block, tiles, state):
-        d_re, kap = (_columns(t) for t in tiles)
-        pr, pi, qr, qi = state
-        g_re, g_im = [None] * geo.vector, [None] * geo.vector
-        for j in geo.order:
-            nr = d_re[j] * qr - d_im * qi - kap[j] * pr
-            ni = d_re[j] * qi + d_im * qr - kap[j] * pi
-            g_re[j], g_im[j] = _cdiv(qr, qi, nr, ni)
-            pr, pi, qr, qi = qr, qi, nr, ni
-        geo.store_pairs(out_ref, row, chunk, block, ok, g_re, g_im)
-        return tuple(_normalise([pr, pi, qr, qi]))
-
-    _pipelined(geo.chunk // geo.vector, _forward_loader(z_ref, a_ref, kc_ref, geo, row, chunk, ok), compute,
-               tuple(start))
 
 
 # -------------------------------------------------------------------------------------------- backward kernels
@@ -385,12 +558,6 @@ def _adjoint_values_kernel(g_ref, ct_ref, *refs, geo, lanes):
 
 # ------------------------------------------------------------------------------------------------------ launches
 
-def _geometry(a, kc, config, descending, interpret):
-    batch, n = a.shape
-    coupling_rows = 0 if kc is None else kc.shape[0]
-    return _Geometry(n=n, batch=batch, chunk=config.chunk_for(n), vector=config.vector, descending=descending,
-                     coupling_rows=coupling_rows, interpret=interpret)
-
 
 def _launch(kernel, geo, config, interpret, out_shape, name, per_row=False):
     if per_row:
@@ -419,14 +586,6 @@ def _three_phases(maps_kernel, carry_kernel, values_kernel, inputs, kc, geo, con
                    f"{name}_values")(*inputs, *coupling, states)
 
 
-def _resolvent(a, kc, zvec, descending, config, interpret):
-    """g as interleaved (B, 2N) float32 [Re g_0, Im g_0, Re g_1, ...]."""
-    geo = _geometry(a, kc, config, descending, interpret)
-    out = jax.ShapeDtypeStruct((geo.batch, 2 * geo.n), F32)
-    return _three_phases(_maps_kernel, _carry_kernel, _values_kernel, (zvec, a), kc, geo, config, interpret,
-                         (8, 4), out, "bk_resolvent")
-
-
 def _resolvent_grad(g, ct, kc, geo, config, interpret):
     out = jax.ShapeDtypeStruct((geo.batch, geo.n), F32)
     return _three_phases(_adjoint_maps_kernel, _adjoint_carry_kernel, _adjoint_values_kernel, (g, ct), kc, geo,
@@ -435,11 +594,12 @@ def _resolvent_grad(g, ct, kc, geo, config, interpret):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
 def _scan(a, kc, zvec, descending, config, interpret):
-    return _resolvent(a, kc, zvec, descending, config, interpret)
+    """One-sided resolvent (causal gL, or gR when `descending`) as interleaved (B, 2N), exact VJP for `a`."""
+    return _forward(a, kc, zvec, "right" if descending else "left", config, interpret)
 
 
 def _scan_fwd(a, kc, zvec, descending, config, interpret):
-    g = _resolvent(a, kc, zvec, descending, config, interpret)
+    g = _scan(a, kc, zvec, descending, config, interpret)
     return g, (g, kc, zvec, a.shape)
 
 
@@ -495,25 +655,54 @@ def causal_features_pallas(a, b=None, c=None, z=1j, *, config: BkScanConfig | No
     return g.reshape(a.shape[0], a.shape[1], 2)
 
 
+def _combine_sides(a, kc, zvec, left, right):
+    """G from the one-sided resolvents (interleaved (B, 2N) each): the unfused form, differentiated by JAX."""
+    batch, n = a.shape
+    gl = lax.complex(left[:, 0::2], left[:, 1::2])
+    gr = lax.complex(right[:, 0::2], right[:, 1::2])
+    k = jnp.ones((1, n), F32).at[:, 0].set(0.0) if kc is None else kc
+    zero = jnp.zeros((batch, 1), jnp.complex64)
+    from_left = jnp.concatenate([zero, k[:, 1:] * gl[:, :-1]], axis=1)
+    from_right = jnp.concatenate([k[:, 1:] * gr[:, 1:], zero], axis=1)
+    g = 1.0 / ((a - lax.complex(zvec[0], zvec[1])) - from_left - from_right)
+    return jnp.stack([jnp.real(g), jnp.imag(g)], axis=-1)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _bidirectional(a, kc, zvec, config, interpret):
+    """G as (B, N, 2) from the fused kernel (both sweeps in one pass, one write of G)."""
+    return _forward(a, kc, zvec, "both", config, interpret).reshape(a.shape[0], a.shape[1], 2)
+
+
+def _bidirectional_fwd(a, kc, zvec, config, interpret):
+    return _bidirectional(a, kc, zvec, config, interpret), (a, kc, zvec)
+
+
+def _bidirectional_bwd(config, interpret, residuals, ct):
+    # Recompute both sides with the one-sided kernels and pull the cotangent back through the unfused combination
+    # (JAX) and their backward kernels: the forward stays one pass, the gradient is exact.
+    a, kc, zvec = residuals
+
+    def unfused(a):
+        return _combine_sides(a, kc, zvec, _scan(a, kc, zvec, False, config, interpret),
+                              _scan(a, kc, zvec, True, config, interpret))
+
+    grad = jax.vjp(unfused, a)[1](ct)[0]
+    return grad, None if kc is None else jnp.zeros_like(kc), jnp.zeros_like(zvec)
+
+
+_bidirectional.defvjp(_bidirectional_fwd, _bidirectional_bwd)
+
+
 @functools.partial(jax.jit, static_argnames=("config", "interpret"))
 def bidirectional_features_pallas(a, b=None, c=None, z=1j, *, config: BkScanConfig | None = None,
                                   interpret: bool = False):
     """[(H - zI)^-1]_ii = 1/(d_i - k_i gL_{i-1} - k_{i+1} gR_{i+1}) as features (B, N, 2), exact grad for `a`.
 
-    gL and gR are the ascending and descending kernel scans (each with its backward kernels); the combination is a
-    fused elementwise XLA expression, differentiated by JAX.
+    Forward: one fused kernel pair (both continued fractions in one pass over a, G written once). Backward: the
+    one-sided kernels recompute gL and gR, whose backward kernels and the (JAX-differentiated) combination give
+    the exact gradient.
     """
     config = _resolve_config(config, interpret)
     a, kc, zvec = _prepare(a, b, c, z)
-    batch, n = a.shape
-    left = _scan(a, kc, zvec, False, config, bool(interpret)).reshape(batch, n, 2)
-    right = _scan(a, kc, zvec, True, config, bool(interpret)).reshape(batch, n, 2)
-    gl = lax.complex(left[..., 0], left[..., 1])
-    gr = lax.complex(right[..., 0], right[..., 1])
-    k = jnp.ones((1, n), F32).at[:, 0].set(0.0) if kc is None else kc
-    zero = jnp.zeros((batch, 1), jnp.complex64)
-    from_left = jnp.concatenate([zero, k[:, 1:] * gl[:, :-1]], axis=1)
-    from_right = jnp.concatenate([k[:, 1:] * gr[:, 1:], zero], axis=1)
-    z = lax.complex(zvec[0], zvec[1])
-    g = 1.0 / ((a - z) - from_left - from_right)
-    return jnp.stack([jnp.real(g), jnp.imag(g)], axis=-1)
+    return _bidirectional(a, kc, zvec, config, bool(interpret))

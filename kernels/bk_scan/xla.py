@@ -24,6 +24,8 @@ z complex scalar, may be traced; output features (B, N, 2) float32 = [Re G, Im G
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -292,8 +294,13 @@ def _scale_by_power_of_two(re, im, exponent):
     return re * scale, im * scale
 
 
-def _reference_mode_resolvent(a, b, c, z):
+def _reference_mode_resolvent(a, b, c, z, prefix_scan=_mobius_prefix_scan):
     """G of the reference (after eps, NaN-zeroing, overflow cliff and the 50-clip), complex64 (B, N).
+
+    `prefix_scan` computes the three stacked sweeps: any function with the contract of `_mobius_prefix_scan`
+    (the Pallas kernel `pallas_reference.mobius_prefix_scan_pallas` is the other one), so that every line of the
+    combination and cliff logic below is shared between implementations. Its mantissas must be normalised (largest
+    |Re|/|Im| of each (theta_t, theta_{t+1}) pair in [0.5, 1)), as the divisions below assume O(1) operands.
 
     Value: G_i = theta_i phi_i / (det + 1e-18), computed as the ratio form of the true resolvent diagonal,
       1/(d_i - k_i gL_{i-1} - k_{i+1} gR_{i+1}),
@@ -330,7 +337,7 @@ def _reference_mode_resolvent(a, b, c, z):
     phi_coupling = jnp.concatenate([zero_column, reversed_bond[:, 1:], bond[:, :1]], axis=1)
 
     # One parallel scan over the three sweeps stacked along the batch axis.
-    stacked = _mobius_prefix_scan(
+    stacked = prefix_scan(
         jnp.concatenate([d_re, d_re[:, ::-1], d_re[:, ::-1]]),
         jnp.concatenate([d_im, d_im[:, ::-1], d_im[:, ::-1]]),
         jnp.concatenate([left_coupling, right_coupling, phi_coupling]),
@@ -402,18 +409,20 @@ def _zero_non_finite_and_clip(g):
     return g * clip_factor
 
 
-@jax.custom_vjp
-def _reference_mode(a, b, c, z):
-    g = _reference_mode_resolvent(a, b, c, z)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _reference_mode(a, b, c, z, prefix_scan):
+    """Reference-mode features (B, N, 2) with the heuristic backward; `prefix_scan` as in `_reference_mode_resolvent`
+    (never differentiated: the backward reads only G and the cotangent)."""
+    g = _reference_mode_resolvent(a, b, c, z, prefix_scan)
     return jnp.stack([jnp.real(g), jnp.imag(g)], axis=-1)
 
 
-def _reference_mode_fwd(a, b, c, z):
-    g = _reference_mode_resolvent(a, b, c, z)
+def _reference_mode_fwd(a, b, c, z, prefix_scan):
+    g = _reference_mode_resolvent(a, b, c, z, prefix_scan)
     return jnp.stack([jnp.real(g), jnp.imag(g)], axis=-1), (g, b, c, z)
 
 
-def _reference_mode_bwd(residuals, cotangent):
+def _reference_mode_bwd(prefix_scan, residuals, cotangent):
     g, b, c, z = residuals
     return reference_heuristic_grad(g, cotangent), jnp.zeros_like(b), jnp.zeros_like(c), jnp.zeros_like(z)
 
@@ -432,4 +441,4 @@ def reference_mode_features(a, b=None, c=None, z=1j):
     cotangents. The recurrences are never differentiated.
     """
     a, b, c, z = check_and_broadcast(a, b, c, z)
-    return _reference_mode(a, b, c, z)
+    return _reference_mode(a, b, c, z, _mobius_prefix_scan)
