@@ -192,6 +192,22 @@ def test_bk_real_energy_with_a_padded_last_chunk():
         assert rel_err(out, np.stack([oracle(a, None, None, 0.0).real, oracle(a, None, None, 0.0).imag], -1)) <= 1e-4
 
 
+@pytest.mark.parametrize("field, value", [("scan_lanes", 48), ("scan_lanes", 1), ("scan_vector", 12),
+                                          ("scan_warps", 3), ("chunk", 6), ("lanes", 0)])
+def test_bk_config_rejects_bad_block_sizes(field, value):
+    with pytest.raises(ValueError, match=f"BkScanConfig.{field}"):
+        BkScanConfig(**{field: value})
+
+
+def test_bk_config_defaults_follow_the_sequence_length():
+    # The sweep winners of docs/perf/NOTES.md (v6): 32 lanes x 16 at N = 8192, 32 lanes x 32 at N = 65,536.
+    config = BkScanConfig()
+    assert (config.scan_lanes_for(8192), config.scan_vector_for(8192), config.scan_warps_for(8192)) == (32, 16, 1)
+    assert (config.scan_lanes_for(65536), config.scan_vector_for(65536)) == (32, 32)
+    assert config.scan_lanes_for(1 << 20) == 128 and config.scan_warps_for(1 << 20) == 4
+    assert BkScanConfig(scan_lanes=256).scan_warps_for(100) == 8
+
+
 def _matrix_scan_kernel(lanes, reverse):
     """A kernel scanning (4, lanes) real 2x2 matrices (rows m00, m01, m10, m11) across its lanes: later @ earlier."""
     def combine(earlier, later):

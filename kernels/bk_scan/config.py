@@ -1,6 +1,6 @@
 """Block sizes of the BK-Core Pallas kernels (see `pallas.py`).
 
-Forward (lane-scan form, two launches):
+Forward (lane-scan form, three launches):
 scan_lanes   lanes per program of the forward kernels; a program is one chunk of scan_lanes * scan_vector positions
              of one row, each lane owns `scan_vector` consecutive positions, and the lanes' 2x2 maps are combined
              by an in-register scan (Triton `tt.scan`). None picks chunks of ~4 sqrt(N) positions: the power of
@@ -68,7 +68,6 @@ class BkScanConfig:
         if self.chunk is not None:
             return self.chunk
         return max(self.vector, min(1024, 1 << max(0, math.ceil(math.log2(max(1.0, math.sqrt(n)))))))
-
 
     def scan_lanes_for(self, n: int) -> int:
         if self.scan_lanes is not None:

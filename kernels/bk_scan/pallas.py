@@ -217,7 +217,7 @@ def _compose(earlier, later):
 
 
 def _apply(m, p, q):
-    """m (p, q)^T for planes m and complex (p, q) given as (pr, pi, qr, qi); renormalised."""
+    """m (p, q)^T for planes m and complex p = (pr, pi), q = (qr, qi); the result renormalised, (pr, pi, qr, qi)."""
     m00r, m00i, m01r, m01i, m10r, m10i, m11r, m11i = m
     pr, pi, qr, qi = p[0], p[1], q[0], q[1]
     return _normalise([m00r * pr - m00i * pi + m01r * qr - m01i * qi, m00r * pi + m00i * pr + m01r * qi + m01i * qr,
