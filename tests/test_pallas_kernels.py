@@ -118,6 +118,7 @@ def test_ar_ssm_long_sequence_is_sound_in_float32():
 BK_CONFIG = BkScanConfig(chunk=8, vector=4, lanes=4, carry_rows=2, carry_vector=2, scan_lanes=4, scan_vector=4)
 # 16 positions per lane: the lane products and states are renormalised inside a lane's block.
 BK_WIDE = BkScanConfig(chunk=8, vector=4, lanes=4, carry_rows=2, carry_vector=2, scan_lanes=2, scan_vector=16)
+BK_KERNELS_AND_ORACLES = [(causal_features_pallas, causal_numpy), (bidirectional_features_pallas, bidirectional_numpy)]
 
 
 def bk_case(seed, batch=3, n=37, coupled=True):
@@ -173,7 +174,7 @@ def test_bk_single_step_and_huge_potentials(config):
     # N = 1 (one padded chunk) and |a| ~ 1e4, where the renormalisation bound of the config is reached: with 16
     # positions per lane, a product renormalised only once per block would overflow ((1e4)^16 > 3e38).
     a1 = np.array([[-1.5], [0.25]], np.float32)
-    for kernel, oracle in [(causal_features_pallas, causal_numpy), (bidirectional_features_pallas, bidirectional_numpy)]:
+    for kernel, oracle in BK_KERNELS_AND_ORACLES:
         out = kernel(a1, config=config, interpret=INTERPRET)
         assert elementwise_rel_err(out, oracle(a1)) <= 1e-6
         a = np.random.default_rng(5).uniform(-1e4, 1e4, (2, 41)).astype(np.float32)
@@ -186,7 +187,7 @@ def test_bk_real_energy_with_a_padded_last_chunk():
     # z = 0 and N = 37 (the last forward chunk padded): the right sweep runs through the padding first, whose steps
     # must keep the state finite and non-zero for the first real step to discard it.
     a = (np.float32(-2.0) + np.random.default_rng(8).uniform(-3, 3, (2, 37))).astype(np.float32)
-    for kernel, oracle in [(causal_features_pallas, causal_numpy), (bidirectional_features_pallas, bidirectional_numpy)]:
+    for kernel, oracle in BK_KERNELS_AND_ORACLES:
         out = kernel(a, None, None, 0.0, config=BK_CONFIG, interpret=INTERPRET)
         assert np.all(np.isfinite(np.asarray(out)))
         assert rel_err(out, np.stack([oracle(a, None, None, 0.0).real, oracle(a, None, None, 0.0).imag], -1)) <= 1e-4
