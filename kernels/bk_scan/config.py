@@ -49,18 +49,18 @@ class BkScanConfig:
     def __post_init__(self):
         if self.chunk is not None and (not is_power_of_two(self.chunk) or self.chunk < self.vector):
             raise ValueError(f"BkScanConfig.chunk must be None or a power of two >= vector, got {self.chunk!r}")
-        if self.scan_vector is not None and not is_power_of_two(self.scan_vector):
-            raise ValueError(f"BkScanConfig.scan_vector must be None or a power of two, got {self.scan_vector!r}")
         for name in ("vector", "lanes", "carry_rows", "carry_vector"):
             if not is_power_of_two(getattr(self, name)):
                 raise ValueError(f"BkScanConfig.{name} must be a power of two, got {getattr(self, name)!r}")
-        if self.scan_lanes is not None and (not is_power_of_two(self.scan_lanes) or self.scan_lanes < 2):
-            raise ValueError(f"BkScanConfig.scan_lanes must be None or a power of two >= 2, got {self.scan_lanes!r}")
-        if self.scan_warps is not None and self.scan_warps not in (1, 2, 4, 8, 16):
-            raise ValueError(f"BkScanConfig.scan_warps must be None, 1, 2, 4, 8 or 16, got {self.scan_warps!r}")
-        for name in ("num_warps", "carry_warps"):
-            if getattr(self, name) not in (1, 2, 4, 8, 16):
-                raise ValueError(f"BkScanConfig.{name} must be 1, 2, 4, 8 or 16, got {getattr(self, name)!r}")
+        for name, smallest in (("scan_lanes", 2), ("scan_vector", 1)):
+            value = getattr(self, name)
+            if value is not None and (not is_power_of_two(value) or value < smallest):
+                raise ValueError(f"BkScanConfig.{name} must be None or a power of two >= {smallest}, got {value!r}")
+        for name in ("num_warps", "carry_warps", "scan_warps"):
+            value = getattr(self, name)
+            if not (value is None and name == "scan_warps") and value not in (1, 2, 4, 8, 16):
+                raise ValueError(f"BkScanConfig.{name} must be 1, 2, 4, 8 or 16"
+                                 f"{' (or None)' if name == 'scan_warps' else ''}, got {value!r}")
         if not isinstance(self.num_stages, int) or self.num_stages < 1:
             raise ValueError(f"BkScanConfig.num_stages must be an int >= 1, got {self.num_stages!r}")
 

@@ -239,13 +239,11 @@ class _ScanGeometry:
         pid = backend.program_id(0)
         return pid // self.chunks, pid % self.chunks
 
-    def block(self, chunk, shift):
-        """Positions (L, V) of the block `shift` blocks after each lane's own, and which lanes' blocks lie inside
-        the chunk (the others are replaced by the identity map)."""
-        lane = jnp.arange(self.lanes, dtype=jnp.int32) + shift
-        inside = (lane >= 0) & (lane < self.lanes)
+    def block(self, chunk):
+        """Positions (L, V) of each lane's block in the chunk, and which of them lie inside the row."""
+        lane = jnp.arange(self.lanes, dtype=jnp.int32)
         pos = (chunk * self.chunk + lane * self.vector)[:, None] + jnp.arange(self.vector, dtype=jnp.int32)[None]
-        return pos, inside[:, None] & (pos < self.n), inside
+        return pos, pos < self.n
 
     def _index(self, index, valid, size):
         # The Pallas interpreter writes masked-off elements back with their old values: move them out of bounds.
@@ -264,13 +262,15 @@ class _ScanGeometry:
         index = self._index(krow * self.n + bond, ok, self.coupling_rows * self.n)
         return backend.load(kc_ref.at[index], mask=ok, other=0.0).astype(F32)
 
-    def load_step_terms(self, a_ref, kc_ref, zr, row, chunk, shift, side):
-        """Per position of the block: (Re d, k of the step) as V columns each; left steps use k_t, right k_{t+1}."""
-        pos, valid, inside = self.block(chunk, shift)
+    def load_step_terms(self, a_ref, kc_ref, zr, row, chunk, sides):
+        """Per position of the lane's block, as V columns each: Re d, and per sweep the k of its step (k_t for the
+        left sweep, k_{t+1} for the right). a is loaded once for both sweeps."""
+        pos, valid = self.block(chunk)
         # Padding steps get Re d = 1 (d = 1 - i Im z, never 0), so they keep the state's q non-zero even at z = 0.
         d_re = jnp.where(valid, self.load_a(a_ref, row, pos, valid) - zr, 1.0)
-        kap = self.coupling(kc_ref, row, pos + (1 if side == "right" else 0), valid)
-        return _columns(d_re), _columns(kap), inside
+        kap = {side: _columns(self.coupling(kc_ref, row, pos + (1 if side == "right" else 0), valid))
+               for side in sides}
+        return _columns(d_re), kap
 
     # Lane scan entries, (B, chunks, 8 fields per side, L) flat: each field of a chunk is L contiguous floats.
     def prefix_index(self, row, chunk, lane, field, n_sides):
@@ -287,7 +287,7 @@ class _ScanGeometry:
         return self.batch * self.chunks * 4 * n_sides
 
     def store_outputs(self, out_ref, row, chunk, re_cols, im_cols):
-        pos, valid, _ = self.block(chunk, 0)
+        pos, valid = self.block(chunk)
         two = jnp.arange(2, dtype=jnp.int32)[None, None, :]
         index = (row * 2 * self.n + 2 * pos[:, :, None] + two).reshape(self.lanes, 2 * self.vector)
         mask = jnp.broadcast_to(valid[:, :, None], (*valid.shape, 2)).reshape(index.shape)
@@ -299,9 +299,9 @@ def _order(side, vector):
     return range(vector) if side == "left" else range(vector - 1, -1, -1)
 
 
-def _block_maps(d_re, d_im, kap, side, inside):
-    """Product of the block's step matrices [[0, 1], [-k, d]] in the side's order, per lane (identity outside)."""
-    x0r, x0i, y0r, y0i, x1r, x1i, y1r, y1i = (jnp.full(inside.shape, v, F32) for v in (1, 0, 0, 0, 0, 0, 1, 0))
+def _block_maps(d_re, d_im, kap, side):
+    """Product of the block's step matrices [[0, 1], [-k, d]] in the side's order, per lane."""
+    x0r, x0i, y0r, y0i, x1r, x1i, y1r, y1i = (jnp.full(d_re[0].shape, v, F32) for v in (1, 0, 0, 0, 0, 0, 1, 0))
     for step, j in enumerate(_order(side, len(d_re))):
         if step and step % _RENORM_EVERY == 0:
             x0r, x0i, y0r, y0i, x1r, x1i, y1r, y1i = _normalise([x0r, x0i, y0r, y0i, x1r, x1i, y1r, y1i])
@@ -313,7 +313,7 @@ def _block_maps(d_re, d_im, kap, side, inside):
         x1r, x1i, y1r, y1i = y1r, y1i, n1r, n1i
     # Columns are the images of (1, 0) and (0, 1): m00 = x0, m10 = y0, m01 = x1, m11 = y1.
     planes = _normalise([x0r, x0i, x1r, x1i, y0r, y0i, y1r, y1i])
-    return tuple(jnp.where(inside, p, identity) for p, identity in zip(planes, _IDENTITY))
+    return tuple(planes)
 
 
 def _forward_prefix_kernel(z_ref, a_ref, *refs, geo, sides):
@@ -323,9 +323,9 @@ def _forward_prefix_kernel(z_ref, a_ref, *refs, geo, sides):
     row, chunk = geo.program()
     zr, d_im = z_ref[0], -z_ref[1]
     lane = jnp.arange(geo.lanes, dtype=jnp.int32)
+    d_re, kap = geo.load_step_terms(a_ref, kc_ref, zr, row, chunk, sides)
     for s, side in enumerate(sides):
-        d_re, kap, inside = geo.load_step_terms(a_ref, kc_ref, zr, row, chunk, 0, side)
-        scanned = backend.associative_scan(_compose, _block_maps(d_re, d_im, kap, side, inside),
+        scanned = backend.associative_scan(_compose, _block_maps(d_re, d_im, kap[side], side),
                                            reverse=side == "right")
         for f, plane in enumerate(scanned):
             backend.store(prefix_ref.at[geo.prefix_index(row, chunk, lane, 8 * s + f, len(sides))], plane)
@@ -362,7 +362,8 @@ def _forward_values_kernel(z_ref, a_ref, *refs, geo, mode):
     row, chunk = geo.program()
     zr, d_im = z_ref[0], -z_ref[1]
     lane = jnp.arange(geo.lanes, dtype=jnp.int32)
-    own, lane_state = {}, {}
+    d_re, kap = geo.load_step_terms(a_ref, kc_ref, zr, row, chunk, sides)
+    lane_state = {}
     for s, side in enumerate(sides):
         first = (chunk == 0) if side == "left" else (chunk == geo.chunks - 1)
         stored = jnp.full((geo.lanes,), jnp.logical_not(first))
@@ -376,7 +377,6 @@ def _forward_values_kernel(z_ref, a_ref, *refs, geo, mode):
                                                         has, geo.prefix_size(len(sides)))],
                                mask=has, other=identity) for f, identity in enumerate(_IDENTITY)]
         lane_state[side] = _apply(prefix, entering[:2], entering[2:])
-        own[side] = geo.load_step_terms(a_ref, kc_ref, zr, row, chunk, 0, side)[:2]
 
     g_re, g_im = [None] * geo.vector, [None] * geo.vector
     if mode == "both":
@@ -384,30 +384,29 @@ def _forward_values_kernel(z_ref, a_ref, *refs, geo, mode):
         # states entering step t of either sweep.
         from_left, from_right = [None] * geo.vector, [None] * geo.vector
         for side, terms in (("left", from_left), ("right", from_right)):
-            d_re, kap = own[side]
+            k_side = kap[side]
             pr, pi, qr, qi = lane_state[side]
             for step, j in enumerate(_order(side, geo.vector)):
                 if step and step % _RENORM_EVERY == 0:
                     pr, pi, qr, qi = _normalise([pr, pi, qr, qi])
                 rr, ri = _cdiv(pr, pi, qr, qi)
-                terms[j] = (kap[j] * rr, kap[j] * ri)
-                nr = d_re[j] * qr - d_im * qi - kap[j] * pr
-                ni = d_re[j] * qi + d_im * qr - kap[j] * pi
+                terms[j] = (k_side[j] * rr, k_side[j] * ri)
+                nr = d_re[j] * qr - d_im * qi - k_side[j] * pr
+                ni = d_re[j] * qi + d_im * qr - k_side[j] * pi
                 pr, pi, qr, qi = qr, qi, nr, ni
-        d_re = own["left"][0]
         one, zero = jnp.ones_like(d_re[0]), jnp.zeros_like(d_re[0])
         for j in range(geo.vector):
             g_re[j], g_im[j] = _cdiv(one, zero, d_re[j] - from_left[j][0] - from_right[j][0],
                                      d_im - from_left[j][1] - from_right[j][1])
     else:
         (side,) = sides
-        d_re, kap = own[side]
+        k_side = kap[side]
         pr, pi, qr, qi = lane_state[side]
         for step, j in enumerate(_order(side, geo.vector)):
             if step and step % _RENORM_EVERY == 0:
                 pr, pi, qr, qi = _normalise([pr, pi, qr, qi])
-            nr = d_re[j] * qr - d_im * qi - kap[j] * pr
-            ni = d_re[j] * qi + d_im * qr - kap[j] * pi
+            nr = d_re[j] * qr - d_im * qi - k_side[j] * pr
+            ni = d_re[j] * qi + d_im * qr - k_side[j] * pi
             g_re[j], g_im[j] = _cdiv(qr, qi, nr, ni)
             pr, pi, qr, qi = qr, qi, nr, ni
     geo.store_outputs(out_ref, row, chunk, g_re, g_im)
