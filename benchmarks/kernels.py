@@ -185,6 +185,14 @@ def copy_bandwidth(quick):
 
 # ------------------------------------------------------------------------------------------------------ AR-SSM
 
+def _ar_fwd_bwd_bytes(u, v, g, ct):
+    """Two elementwise passes with the AR scan's fwd+bwd traffic: read u, v, g, write one; read u, v, g, ct,
+    write three (the barrier keeps XLA from merging them into one pass)."""
+    out = u + v + g
+    out, u, v, g, ct = lax.optimization_barrier((out, u, v, g, ct))
+    return out, u * ct, v * ct, g * ct
+
+
 def bench_ar(copy_bw, quick, sweep):
     from phase1_jax.kernels.ar_ssm_scan import ar_ssm_scan_reference, ar_ssm_scan_xla
     from phase1_jax.kernels.ar_ssm_scan.config import ArSsmScanConfig, default_config, describe
@@ -207,6 +215,13 @@ def bench_ar(copy_bw, quick, sweep):
                 out, vjp = jax.vjp(fn, u, v, g)
                 return (out, *vjp(ct))
             return run
+
+        # Floors at this size: XLA elementwise fusions moving exactly the op's minimal bytes (launch and ramp
+        # included), the fastest any kernel could be here.
+        t, s = time_op(lambda u, v, g: u + v + g, fwd_sets)
+        record("ar_ssm", shape, "floor: elementwise, fwd bytes", t, s, fwd_bytes, copy_bw)
+        t, s = time_op(_ar_fwd_bwd_bytes, sets)
+        record("ar_ssm", shape, "floor: elementwise, fwd+bwd bytes", t, s, fb_bytes, copy_bw)
 
         variants = {"xla (chunked, custom vjp)": ar_ssm_scan_xla, "reference (jnp cumsum)": ar_ssm_scan_reference}
         base_f, base_fb = {}, {}
@@ -249,6 +264,24 @@ def _associative_scan_causal(a, z=1j):
     return jnp.stack([jnp.real(g), jnp.imag(g)], axis=-1)
 
 
+def _associative_scan_complex_matmul(a, z=1j):
+    """The issue's baseline as its text describes it: complex64 2x2 step matrices composed by jnp.matmul inside
+    lax.associative_scan, each product divided by its largest |entry|. Matmul precision is the caller's (the issue
+    measured XLA's default, TF32 on the GPU)."""
+    d = a.astype(jnp.complex64) - jnp.complex64(z)
+    coupling = jnp.concatenate([jnp.zeros_like(a[:, :1]), jnp.ones_like(a[:, 1:])], axis=1).astype(jnp.complex64)
+    zero, one = jnp.zeros_like(d), jnp.ones_like(d)
+    steps = jnp.stack([jnp.stack([zero, one], -1), jnp.stack([-coupling, d], -1)], -2)  # (B, N, 2, 2)
+
+    def compose(earlier, later):
+        product = jnp.matmul(later, earlier)
+        return product / jnp.max(jnp.abs(product), axis=(-2, -1), keepdims=True)
+
+    products = lax.associative_scan(compose, steps, axis=1)
+    g = products[..., 0, 1] / products[..., 1, 1]
+    return jnp.stack([jnp.real(g), jnp.imag(g)], axis=-1)
+
+
 def _bk_baselines(shape, sets, grad_sets, copy_bw):
     """The XLA / lax compositions the kernels are compared with (causal, bidirectional, causal fwd+bwd)."""
     from phase1_jax.kernels.bk_scan import causal_scan_reference, xla as bkx
@@ -259,6 +292,8 @@ def _bk_baselines(shape, sets, grad_sets, copy_bw):
     with jax.default_matmul_precision("highest"):
         t, s = time_op(_associative_scan_causal, sets[:2], k1=1, k2=3, reps=5)
         base["assoc"] = record("bk_causal", shape, "fwd lax.associative_scan (issue)", t, s, minimal, copy_bw)
+        t, s = time_op(_associative_scan_complex_matmul, sets[:2], k1=1, k2=3, reps=5)
+        base["assoc_c64"] = record("bk_causal", shape, "fwd assoc. scan c64 matmul", t, s, minimal, copy_bw)
         t, s = time_op(bkx.causal_features, sets[:2], k1=1, k2=3, reps=5)
         base["xla"] = record("bk_causal", shape, "fwd xla (doubling scan)", t, s, minimal, copy_bw)
         if n <= 8192:
@@ -268,6 +303,10 @@ def _bk_baselines(shape, sets, grad_sets, copy_bw):
         base_bi = {"xla": record("bk_bidir", shape, "fwd xla (doubling scan)", t, s, minimal, copy_bw)}
         t, s = time_op(lambda a, w: jax.vjp(bkx.causal_features, a)[1](w)[0], grad_sets[:2], k1=1, k2=3, reps=5)
         base_g = {"xla": record("bk_causal", shape, "fwd+bwd (vjp) xla", t, s, 32 * batch * n, copy_bw)}
+    # The same composition at XLA's default precision, as the issue timed it (TF32 products on the GPU).
+    t, s = time_op(_associative_scan_complex_matmul, sets[:2], k1=1, k2=3, reps=5)
+    base["assoc_c64_tf32"] = record("bk_causal", shape, "fwd assoc. scan c64 matmul TF32", t, s, minimal,
+                                    copy_bw)
     return base, base_bi, base_g
 
 
@@ -283,13 +322,17 @@ def bench_bk(copy_bw, quick, sweep):
                 for _ in range(sets_n)]
         grad_sets = [(s[0], _random(rng, (batch, n, 2))) for s in sets]
         minimal = 12 * batch * n  # read a (4 B), write G (8 B)
+        t, s = time_op(lambda a: jnp.stack([a, a + 1.0], axis=-1), sets)
+        record("bk", shape, "floor: elementwise, read a write G", t, s, minimal, copy_bw)
         base, base_bi, base_g = _bk_baselines(shape, sets, grad_sets, copy_bw) if BASELINES else ({}, {}, {})
 
         configs = [None]
         if sweep:
-            configs += [BkScanConfig(scan_lanes=lanes, scan_vector=vector, scan_warps=warps)
-                        for lanes, vector, warps in [(32, 16, 1), (32, 32, 1), (64, 16, 2), (64, 32, 2), (128, 16, 4),
-                                                     (256, 16, 8)]]
+            configs += [BkScanConfig(scan_lanes=lanes, scan_vector=vector, scan_warps=warps,
+                                     scan_chunks_per_program=per_program)
+                        for lanes, vector, warps, per_program in [(32, 32, 1, 1), (32, 32, 1, 2), (32, 32, 1, 8),
+                                                                  (32, 16, 1, 4), (32, 16, 1, 8), (64, 32, 2, 2),
+                                                                  (64, 16, 2, 4)]]
         for config in configs:
             label = describe(config or BkScanConfig(), batch, n)
             tag = "default" if config is None else "sweep"

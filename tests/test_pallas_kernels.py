@@ -115,7 +115,9 @@ def test_ar_ssm_long_sequence_is_sound_in_float32():
 # ------------------------------------------------------------------------------------------------------- BK
 
 # Forward: chunks of 4 lanes x 4 positions (N = 37: three chunks, the last partial); backward: chunks of 8.
-BK_CONFIG = BkScanConfig(chunk=8, vector=4, lanes=4, carry_rows=2, carry_vector=2, scan_lanes=4, scan_vector=4)
+# Forward chunks of 16 positions walked 2 per program: at N = 37 the second program of a row has one chunk past the end.
+BK_CONFIG = BkScanConfig(chunk=8, vector=4, lanes=4, carry_rows=2, carry_vector=2, scan_lanes=4, scan_vector=4,
+                         scan_chunks_per_program=2)
 # 16 positions per lane: the lane products and states are renormalised inside a lane's block.
 BK_WIDE = BkScanConfig(chunk=8, vector=4, lanes=4, carry_rows=2, carry_vector=2, scan_lanes=2, scan_vector=16)
 BK_KERNELS_AND_ORACLES = [(causal_features_pallas, causal_numpy), (bidirectional_features_pallas, bidirectional_numpy)]
@@ -194,6 +196,7 @@ def test_bk_real_energy_with_a_padded_last_chunk():
 
 
 @pytest.mark.parametrize("field, value", [("scan_lanes", 48), ("scan_lanes", 1), ("scan_vector", 12),
+                                          ("scan_chunks_per_program", 3),
                                           ("scan_warps", 3), ("chunk", 6), ("lanes", 0)])
 def test_bk_config_rejects_bad_block_sizes(field, value):
     with pytest.raises(ValueError, match=f"BkScanConfig.{field}"):
@@ -207,6 +210,9 @@ def test_bk_config_defaults_follow_the_sequence_length():
     assert (config.scan_lanes_for(65536), config.scan_vector_for(65536)) == (32, 32)
     assert config.scan_lanes_for(1 << 20) == 128 and config.scan_warps_for(1 << 20) == 4
     assert BkScanConfig(scan_lanes=256).scan_warps_for(100) == 8
+    # One chunk per program unless asked (v7 sweep); more than a row has are clipped by the kernels' geometry.
+    assert config.scan_chunks_per_program_for(64, 65536) == 1
+    assert BkScanConfig(scan_chunks_per_program=4).scan_chunks_per_program_for(64, 65536) == 4
 
 
 def _matrix_scan_kernel(lanes, reverse):

@@ -10,6 +10,13 @@ scan_vector  consecutive positions per lane in the forward kernels (a power of t
              (one 2x2 matrix combine tree per program) over more positions, at the cost of registers. States and
              products are renormalised every 8 steps whatever the width. None: 32 from N = 32,768 on, else 16.
 scan_warps   warps per program of the forward kernels; None: one lane per thread (scan_lanes / 32, 1 to 8).
+scan_chunks_per_program
+             chunks one program of the forward kernels walks in turn, loading the next chunk while it computes
+             the current one. With one chunk per program every program loads, then computes, then stores, in one
+             wave that leaves memory idle while it computes; a few chunks each were meant to overlap the two, but
+             on the H100 they did not pay (B=64 N=65,536: 31.2 / 37.2 µs causal / bidirectional at 1 chunk, 31.8 /
+             38.4 at 4, worse at 2 and 8; docs/perf/NOTES.md v7), so the default (None) is 1. Kept for cards with
+             fewer SMs, where the programs run in many waves.
 
 Backward (chunked three-phase form; `chunk`, `lanes`, `carry_*` also size the reference-mode kernel):
 
@@ -45,6 +52,7 @@ class BkScanConfig:
     scan_lanes: int | None = None
     scan_vector: int | None = None
     scan_warps: int | None = None
+    scan_chunks_per_program: int | None = None
 
     def __post_init__(self):
         if self.chunk is not None and (not is_power_of_two(self.chunk) or self.chunk < self.vector):
@@ -52,7 +60,7 @@ class BkScanConfig:
         for name in ("vector", "lanes", "carry_rows", "carry_vector"):
             if not is_power_of_two(getattr(self, name)):
                 raise ValueError(f"BkScanConfig.{name} must be a power of two, got {getattr(self, name)!r}")
-        for name, smallest in (("scan_lanes", 2), ("scan_vector", 1)):
+        for name, smallest in (("scan_lanes", 2), ("scan_vector", 1), ("scan_chunks_per_program", 1)):
             value = getattr(self, name)
             if value is not None and (not is_power_of_two(value) or value < smallest):
                 raise ValueError(f"BkScanConfig.{name} must be None or a power of two >= {smallest}, got {value!r}")
@@ -79,6 +87,10 @@ class BkScanConfig:
             return self.scan_vector
         return 32 if n >= 32768 else 16
 
+    def scan_chunks_per_program_for(self, batch: int, n: int) -> int:
+        del batch, n  # one default for every size (see the docstring)
+        return 1 if self.scan_chunks_per_program is None else self.scan_chunks_per_program
+
     def scan_warps_for(self, n: int) -> int:
         if self.scan_warps is not None:
             return self.scan_warps
@@ -89,5 +101,7 @@ def describe(config: BkScanConfig, batch: int, n: int) -> str:
     lanes = config.scan_lanes_for(n)
     vector = config.scan_vector_for(n)
     chunks = -(-n // (lanes * vector))
-    return (f"forward: lanes={lanes} vector={vector} chunks/row={chunks} programs={batch * chunks} "
+    per_program = min(chunks, config.scan_chunks_per_program_for(batch, n))
+    return (f"forward: lanes={lanes} vector={vector} chunks/row={chunks} chunks/program={per_program} "
+            f"programs={batch * -(-chunks // per_program)} "
             f"warps={config.scan_warps_for(n)}; backward: chunk={config.chunk_for(n)} lanes={config.lanes}")

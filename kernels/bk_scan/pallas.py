@@ -6,15 +6,17 @@ which steps linearly:
 
     (p, q) -> (q, n),   n = d_t q - k_t p.
 
-Complex numbers are separate real and imaginary float32 planes. States and products are renormalised by an exact
-power of two every 8 steps, so they never overflow and rounding is only that of the products; divisions are done on
-operands scaled by a power of two, so |n|^2 cannot overflow either. Nothing is ever differentiated through a
-kernel: every pallas_call sits inside a `jax.custom_vjp`.
+Complex numbers are separate real and imaginary float32 planes. Projective states and matrix products are
+renormalised by an exact power of two (every 8 steps, or once after a lane scan of at most 64 maps), so they never
+overflow and rounding is only that of the products; divisions of projective quantities are done on operands
+scaled by a power of two. Nothing is ever differentiated through a kernel: every pallas_call sits inside a
+`jax.custom_vjp`.
 
 Forward (lane-scan form, three launches; see "forward kernels" below): lanes own runs of consecutive positions
 inside chunks of one row; an in-register scan over the lanes (`backend.associative_scan`, one Triton `tt.scan`)
-composes their 2x2 maps, a per-row scan composes the chunks, and a final pass steps every lane from its entering
-state. The bidirectional diagonal runs both continued fractions in the same three launches and writes G once.
+composes their 2x2 maps, a per-row scan composes the chunks, and a final pass runs every lane's continued
+fraction g_t = 1/(d_t - k_t g_{t-1}) from its entering state (`_reciprocal` says why that division needs no
+scaling). The bidirectional diagonal runs both continued fractions in the same three launches and writes G once.
 
 Backward (exact, for a only; b, c, z get zero cotangents as in `xla.py`): with upstream w_t = ct_re + i ct_im,
   lambda_t = w_t + A_t lambda_{t+1},  A_t = conj(k_{t+1} g_{t+1}^2),  grad a_t = -Re(conj(lambda_t) g_t^2),
@@ -178,16 +180,18 @@ _pipelined = backend.pipelined_loop
 
 # --------------------------------------------------------------------------------------------- forward kernels
 #
-# Lane-scan form (three launches). A program is one chunk of C = L * V positions of one row; lane l owns the V
+# Lane-scan form (three launches). A program is one chunk of C = L * V positions of one row (or several, walked in
+# turn: `scan_chunks_per_program`); lane l owns the V
 # consecutive positions chunk_start + l V + (0 .. V-1), so every load and store is one contiguous (L, V) tile.
 # Maps are 2x2 complex matrices as 8 planes (m00, m01, m10, m11; re, im each), renormalised by powers of two:
 # the recursions are projective, only ratios of the state are ever used.
-#   1. prefix:  each lane multiplies the step matrices of its V positions; an in-register scan over the lanes
-#               (`backend.associative_scan`, one tt.scan) gives every lane's inclusive prefix, all stored (8 floats
-#               per lane and sweep); the last lane's is the chunk's product.
+#   1. prefix:  each lane multiplies the step matrices of its V positions (once for both sweeps with unit
+#               coupling: `_transposed`); an in-register scan over the lanes (`backend.associative_scan`, one
+#               tt.scan) gives every lane's inclusive prefix, all stored (8 floats per lane and sweep); the last
+#               lane's is the chunk's product.
 #   2. carry:   one program per row scans its chunk products and stores the state entering every chunk.
 #   3. values:  each lane applies its neighbour's prefix (the lanes before it) to its chunk's entering state and
-#               steps through its V positions writing the outputs: no cross-lane work.
+#               runs the continued fraction(s) through its V positions writing the outputs: no cross-lane work.
 # The right sweep (x_t = d_t x_{t+1} - k_{t+1} x_{t+2}, gR_t = x_{t+1} / x_t) is the same with positions walked
 # downwards: reverse scans, the neighbour to the right. Positions past the end of a row (the padding of its last
 # chunk) come after every real position in the left sweep, where their outputs are masked; in the right sweep they
@@ -202,18 +206,21 @@ _RENORM_EVERY = 8
 _SIDES = {"left": ("left",), "right": ("right",), "both": ("left", "right")}
 
 
-def _compose(earlier, later):
-    """later @ earlier for 2x2 complex matrices as 8 planes, renormalised (the lane-scan combine)."""
+def _compose_unnormalised(earlier, later):
+    """later @ earlier for 2x2 complex matrices as 8 planes."""
     e00r, e00i, e01r, e01i, e10r, e10i, e11r, e11i = earlier
     l00r, l00i, l01r, l01i, l10r, l10i, l11r, l11i = later
 
     def dot(ar, ai, br, bi, cr, ci, dr, di):  # a b + c d
         return ar * br - ai * bi + cr * dr - ci * di, ar * bi + ai * br + cr * di + ci * dr
 
-    return tuple(_normalise([*dot(l00r, l00i, e00r, e00i, l01r, l01i, e10r, e10i),
-                             *dot(l00r, l00i, e01r, e01i, l01r, l01i, e11r, e11i),
-                             *dot(l10r, l10i, e00r, e00i, l11r, l11i, e10r, e10i),
-                             *dot(l10r, l10i, e01r, e01i, l11r, l11i, e11r, e11i)]))
+    return (*dot(l00r, l00i, e00r, e00i, l01r, l01i, e10r, e10i), *dot(l00r, l00i, e01r, e01i, l01r, l01i, e11r, e11i),
+            *dot(l10r, l10i, e00r, e00i, l11r, l11i, e10r, e10i), *dot(l10r, l10i, e01r, e01i, l11r, l11i, e11r, e11i))
+
+
+def _compose(earlier, later):
+    """later @ earlier, renormalised (the combine of scans over many maps)."""
+    return tuple(_normalise(list(_compose_unnormalised(earlier, later))))
 
 
 def _apply(m, p, q):
@@ -227,17 +234,35 @@ def _apply(m, p, q):
 class _ScanGeometry:
     """Static sizes and the index arithmetic of the forward kernels (flat (B * N,) inputs)."""
 
-    def __init__(self, *, n, batch, lanes, vector, coupling_rows, interpret):
+    def __init__(self, *, n, batch, lanes, vector, chunks_per_program, coupling_rows, interpret):
         self.n, self.batch, self.lanes, self.vector = n, batch, lanes, vector
         self.chunk = lanes * vector
         self.chunks = -(-n // self.chunk)
         self.records = max(2, 1 << (self.chunks - 1).bit_length())  # a power of two >= chunks for the scans
+        self.per_program = min(chunks_per_program, self.chunks)
+        self.groups = -(-self.chunks // self.per_program)  # programs per row
         self.coupling_rows = coupling_rows
         self.interpret = interpret
 
     def program(self):
+        """(row, first chunk) of this program; it handles chunks first .. first + per_program - 1 (those that
+        exist: the positions of a chunk past the row's last are all >= n, so its loads and stores are masked)."""
         pid = backend.program_id(0)
-        return pid // self.chunks, pid % self.chunks
+        return pid // self.groups, (pid % self.groups) * self.per_program
+
+    def chunk_loop(self, load, compute):
+        """compute(row, chunk, load(row, chunk)) for each of the program's chunks, with the loads of the next chunk
+        issued before the work on the current one (`backend.pipelined_loop`)."""
+        row, first = self.program()
+        if self.per_program == 1:
+            compute(row, first, load(row, first))
+            return
+
+        def step(i, tiles, carry):
+            compute(row, first + i, tiles)
+            return carry
+
+        backend.pipelined_loop(self.per_program, lambda i: load(row, first + i), step, jnp.int32(0))
 
     def block(self, chunk):
         """Positions (L, V) of each lane's block in the chunk, and which of them lie inside the row."""
@@ -262,15 +287,20 @@ class _ScanGeometry:
         index = self._index(krow * self.n + bond, ok, self.coupling_rows * self.n)
         return backend.load(kc_ref.at[index], mask=ok, other=0.0).astype(F32)
 
-    def load_step_terms(self, a_ref, kc_ref, zr, row, chunk, sides):
-        """Per position of the lane's block, as V columns each: Re d, and per sweep the k of its step (k_t for the
-        left sweep, k_{t+1} for the right). a is loaded once for both sweeps."""
+    def load_tiles(self, a_ref, kc_ref, row, chunk, sides):
+        """The (L, V) tiles of a chunk: a once for both sweeps, and per sweep the k of its steps (k_t for the left
+        sweep, k_{t+1} for the right; computed, not loaded, for unit coupling)."""
         pos, valid = self.block(chunk)
+        kap = {side: self.coupling(kc_ref, row, pos + (1 if side == "right" else 0), valid) for side in sides}
+        return self.load_a(a_ref, row, pos, valid), kap
+
+    def step_terms(self, tiles, zr, chunk):
+        """Per position of the lane's block, as V columns each: Re d, and the k of each sweep."""
+        a, kap = tiles
+        _, valid = self.block(chunk)
         # Padding steps get Re d = 1 (d = 1 - i Im z, never 0), so they keep the state's q non-zero even at z = 0.
-        d_re = jnp.where(valid, self.load_a(a_ref, row, pos, valid) - zr, 1.0)
-        kap = {side: _columns(self.coupling(kc_ref, row, pos + (1 if side == "right" else 0), valid))
-               for side in sides}
-        return _columns(d_re), kap
+        d_re = jnp.where(valid, a - zr, 1.0)
+        return _columns(d_re), {side: _columns(k) for side, k in kap.items()}
 
     # Lane scan entries, (B, chunks, 8 fields per side, L) flat: each field of a chunk is L contiguous floats.
     def prefix_index(self, row, chunk, lane, field, n_sides):
@@ -316,19 +346,46 @@ def _block_maps(d_re, d_im, kap, side):
     return tuple(planes)
 
 
+def _transposed(m):
+    """J m^T J with J = diag(-1, 1): [[m00, -m10], [-m01, m11]].
+
+    With unit coupling this turns a block's left-sweep map into its right-sweep map: the left step [[0, 1], [-k_t,
+    d_t]] becomes U_t = [[0, k_t], [-1, d_t]] and the order of the product reverses, so for k_t = 1 U_t is the
+    right step [[0, 1], [-k_{t+1}, d_t]]. Where the couplings differ the states differ only in ways no output
+    sees: padding steps (k_t = 0) leave (0, s), s != 0, which the step at N - 1 turns into (s, d s), as the true
+    steps (k_N = 0) do; the step at position 0 (k_0 = 0) only affects the product of chunk 0, which no state uses.
+    """
+    m00r, m00i, m01r, m01i, m10r, m10i, m11r, m11i = m
+    return m00r, m00i, -m10r, -m10i, -m01r, -m01i, m11r, m11i
+
+
 def _forward_prefix_kernel(z_ref, a_ref, *refs, geo, sides):
     """Phase 1: per lane, the inclusive scan of the lanes' block maps within the chunk (reverse for the right
     sweep), all lanes stored; the chunk's product is the entry of the lane the scan ends at."""
     kc_ref, (prefix_ref,) = _split_refs(refs, geo, 1)
-    row, chunk = geo.program()
     zr, d_im = z_ref[0], -z_ref[1]
     lane = jnp.arange(geo.lanes, dtype=jnp.int32)
-    d_re, kap = geo.load_step_terms(a_ref, kc_ref, zr, row, chunk, sides)
-    for s, side in enumerate(sides):
-        scanned = backend.associative_scan(_compose, _block_maps(d_re, d_im, kap[side], side),
-                                           reverse=side == "right")
-        for f, plane in enumerate(scanned):
-            backend.store(prefix_ref.at[geo.prefix_index(row, chunk, lane, 8 * s + f, len(sides))], plane)
+    # Block maps are normalised (|Re|, |Im| < 1 per entry) and a product of two grows them at most 4x, so up to
+    # 64 lanes (4**63 < 3e38) the lane scan can skip the renormalisation of every combine and renormalise once.
+    combine = _compose_unnormalised if geo.lanes <= 64 else _compose
+
+    def compute(row, chunk, tiles):
+        d_re, kap = geo.step_terms(tiles, zr, chunk)
+        maps = {}
+        for side in sides:
+            if side == "right" and "left" in maps and geo.coupling_rows == 0:
+                maps[side] = _transposed(maps["left"])  # one product of step matrices serves both sweeps
+            else:
+                maps[side] = _block_maps(d_re, d_im, kap[side], side)
+        exists = jnp.full((geo.lanes,), chunk < geo.chunks)
+        for s, side in enumerate(sides):
+            scanned = _normalise(list(backend.associative_scan(combine, maps[side], reverse=side == "right")))
+            for f, plane in enumerate(scanned):
+                index = geo._index(geo.prefix_index(row, chunk, lane, 8 * s + f, len(sides)), exists,
+                                   geo.prefix_size(len(sides)))
+                backend.store(prefix_ref.at[index], plane, mask=exists)
+
+    geo.chunk_loop(lambda row, chunk: geo.load_tiles(a_ref, kc_ref, row, chunk, sides), compute)
 
 
 def _forward_carry_kernel(prefix_ref, states_ref, *, geo, sides):
@@ -354,62 +411,77 @@ def _forward_carry_kernel(prefix_ref, states_ref, *, geo, sides):
             backend.store(states_ref.at[index], plane, mask=ok)
 
 
+def _reciprocal(re, im):
+    """1 / (re + i im), unscaled. Used on the continued fractions' denominators D_t = d_t - k g: for unit coupling
+    H is Hermitian, so |g| <= 1 / |Im z| and |Im z| <= |D| <= |d| + 1 / |Im z|, far inside the range where
+    re^2 + im^2 neither overflows nor underflows (|Im z| >= 1e-15, |a - z| <= 1e15). At real z a denominator
+    under 1e-19 (where G itself is singular to float32 precision) gives inf instead of a huge finite value."""
+    scale = 1.0 / (re * re + im * im)
+    return re * scale, -im * scale
+
+
 def _forward_values_kernel(z_ref, a_ref, *refs, geo, mode):
     """Phase 3: each lane's entering state = (the neighbour lane's scan entry) applied to the chunk's entering
-    state; the lane then steps through its V positions and writes the outputs. No cross-lane work."""
+    state; the lane then runs the continued fraction(s) through its V positions and writes the outputs. No
+    cross-lane work."""
     kc_ref, (prefix_ref, states_ref, out_ref) = _split_refs(refs, geo, 3)
     sides = _SIDES[mode]
-    row, chunk = geo.program()
     zr, d_im = z_ref[0], -z_ref[1]
     lane = jnp.arange(geo.lanes, dtype=jnp.int32)
-    d_re, kap = geo.load_step_terms(a_ref, kc_ref, zr, row, chunk, sides)
-    lane_state = {}
-    for s, side in enumerate(sides):
-        first = (chunk == 0) if side == "left" else (chunk == geo.chunks - 1)
-        stored = jnp.full((geo.lanes,), jnp.logical_not(first))
-        state_index = jnp.full((geo.lanes,), geo.state_index(row, chunk, 4 * s, len(sides)), jnp.int32)
-        entering = [backend.load(states_ref.at[geo._index(state_index + f, stored, geo.state_size(len(sides)))],
-                                 mask=stored, other=boundary) for f, boundary in enumerate((0.0, 0.0, 1.0, 0.0))]
-        neighbour = lane - 1 if side == "left" else lane + 1
-        has = (neighbour >= 0) & (neighbour < geo.lanes)
-        prefix = [backend.load(prefix_ref.at[geo._index(geo.prefix_index(row, chunk, neighbour, 8 * s + f,
-                                                                         len(sides)),
-                                                        has, geo.prefix_size(len(sides)))],
-                               mask=has, other=identity) for f, identity in enumerate(_IDENTITY)]
-        lane_state[side] = _apply(prefix, entering[:2], entering[2:])
+    # General couplings need not keep H Hermitian (k = b c < 0), so they keep the scaled division.
+    reciprocal = _reciprocal if geo.coupling_rows == 0 else (lambda re, im: _cdiv(jnp.ones_like(re),
+                                                                                 jnp.zeros_like(im), re, im))
 
-    g_re, g_im = [None] * geo.vector, [None] * geo.vector
-    if mode == "both":
-        # G_t = 1 / (d_t - k_t gL_{t-1} - k_{t+1} gR_{t+1}); gL_{t-1} and gR_{t+1} are the ratios p / q of the
-        # states entering step t of either sweep.
-        from_left, from_right = [None] * geo.vector, [None] * geo.vector
-        for side, terms in (("left", from_left), ("right", from_right)):
-            k_side = kap[side]
-            pr, pi, qr, qi = lane_state[side]
-            for step, j in enumerate(_order(side, geo.vector)):
-                if step and step % _RENORM_EVERY == 0:
-                    pr, pi, qr, qi = _normalise([pr, pi, qr, qi])
-                rr, ri = _cdiv(pr, pi, qr, qi)
-                terms[j] = (k_side[j] * rr, k_side[j] * ri)
-                nr = d_re[j] * qr - d_im * qi - k_side[j] * pr
-                ni = d_re[j] * qi + d_im * qr - k_side[j] * pi
-                pr, pi, qr, qi = qr, qi, nr, ni
-        one, zero = jnp.ones_like(d_re[0]), jnp.zeros_like(d_re[0])
-        for j in range(geo.vector):
-            g_re[j], g_im[j] = _cdiv(one, zero, d_re[j] - from_left[j][0] - from_right[j][0],
-                                     d_im - from_left[j][1] - from_right[j][1])
-    else:
-        (side,) = sides
-        k_side = kap[side]
-        pr, pi, qr, qi = lane_state[side]
-        for step, j in enumerate(_order(side, geo.vector)):
-            if step and step % _RENORM_EVERY == 0:
-                pr, pi, qr, qi = _normalise([pr, pi, qr, qi])
-            nr = d_re[j] * qr - d_im * qi - k_side[j] * pr
-            ni = d_re[j] * qi + d_im * qr - k_side[j] * pi
-            g_re[j], g_im[j] = _cdiv(qr, qi, nr, ni)
-            pr, pi, qr, qi = qr, qi, nr, ni
-    geo.store_outputs(out_ref, row, chunk, g_re, g_im)
+    def load(row, chunk):
+        entering, prefix = {}, {}
+        for s, side in enumerate(sides):
+            first = (chunk == 0) if side == "left" else (chunk == geo.chunks - 1)
+            stored = jnp.full((geo.lanes,), jnp.logical_not(first) & (chunk < geo.chunks))
+            state_index = jnp.full((geo.lanes,), geo.state_index(row, chunk, 4 * s, len(sides)), jnp.int32)
+            entering[side] = [backend.load(states_ref.at[geo._index(state_index + f, stored,
+                                                                    geo.state_size(len(sides)))],
+                                           mask=stored, other=boundary)
+                              for f, boundary in enumerate((0.0, 0.0, 1.0, 0.0))]
+            neighbour = lane - 1 if side == "left" else lane + 1
+            has = (neighbour >= 0) & (neighbour < geo.lanes) & (chunk < geo.chunks)
+            prefix[side] = [backend.load(prefix_ref.at[geo._index(geo.prefix_index(row, chunk, neighbour, 8 * s + f,
+                                                                                   len(sides)),
+                                                                  has, geo.prefix_size(len(sides)))],
+                                         mask=has, other=identity) for f, identity in enumerate(_IDENTITY)]
+        return geo.load_tiles(a_ref, kc_ref, row, chunk, sides), entering, prefix
+
+    def compute(row, chunk, loaded):
+        tiles, entering, prefix = loaded
+        d_re, kap = geo.step_terms(tiles, zr, chunk)
+        # The ratio g = p / q of each sweep's state entering the lane (gL_{t-1} or gR_{t+1} at its first step).
+        ratio = {}
+        for side in sides:
+            pr, pi, qr, qi = _apply(prefix[side], entering[side][:2], entering[side][2:])
+            ratio[side] = _cdiv(pr, pi, qr, qi)
+        g_re, g_im = [None] * geo.vector, [None] * geo.vector
+        if mode == "both":
+            # G_t = 1 / (DL_t + DR_t - d_t), DL_t = d_t - k_t gL_{t-1} = 1 / gL_t, DR_t = d_t - k_{t+1} gR_{t+1}
+            # = 1 / gR_t: the left fraction keeps its denominators for the right one, three reciprocals a position.
+            gr, gi = ratio["left"]
+            left = [None] * geo.vector
+            for j in range(geo.vector):
+                left[j] = (d_re[j] - kap["left"][j] * gr, d_im - kap["left"][j] * gi)
+                gr, gi = reciprocal(*left[j])
+            gr, gi = ratio["right"]
+            for j in reversed(range(geo.vector)):
+                k = kap["right"][j]
+                g_re[j], g_im[j] = reciprocal(left[j][0] - k * gr, left[j][1] - k * gi)
+                gr, gi = reciprocal(d_re[j] - k * gr, d_im - k * gi)
+        else:
+            (side,) = sides
+            gr, gi = ratio[side]
+            for j in _order(side, geo.vector):
+                k = kap[side][j]
+                gr, gi = reciprocal(d_re[j] - k * gr, d_im - k * gi)
+                g_re[j], g_im[j] = gr, gi
+        geo.store_outputs(out_ref, row, chunk, g_re, g_im)
+
+    geo.chunk_loop(load, compute)
 
 
 def _forward(a, kc, zvec, mode, config, interpret):
@@ -417,6 +489,7 @@ def _forward(a, kc, zvec, mode, config, interpret):
     batch, n = a.shape
     sides = _SIDES[mode]
     geo = _ScanGeometry(n=n, batch=batch, lanes=config.scan_lanes_for(n), vector=config.scan_vector_for(n),
+                        chunks_per_program=config.scan_chunks_per_program_for(batch, n),
                         coupling_rows=0 if kc is None else kc.shape[0], interpret=interpret)
     coupling = () if kc is None else (kc.reshape(-1),)
 
@@ -427,7 +500,7 @@ def _forward(a, kc, zvec, mode, config, interpret):
                                    num_warps=warps, num_stages=config.num_stages, interpret=interpret, name=name)
 
     flat_a = a.reshape(-1)
-    programs = batch * geo.chunks
+    programs = batch * geo.groups
     prefix = launch(functools.partial(_forward_prefix_kernel, geo=geo, sides=sides), geo.prefix_size(len(sides)),
                     f"bk_{mode}_prefix", programs, warps)(zvec, flat_a, *coupling)
     states = launch(functools.partial(_forward_carry_kernel, geo=geo, sides=sides), geo.state_size(len(sides)),
