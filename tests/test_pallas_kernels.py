@@ -211,8 +211,7 @@ def test_bk_config_defaults_follow_the_sequence_length():
     assert config.scan_lanes_for(1 << 20) == 128 and config.scan_warps_for(1 << 20) == 4
     assert BkScanConfig(scan_lanes=256).scan_warps_for(100) == 8
     # One chunk per program unless asked (v7 sweep); more than a row has are clipped by the kernels' geometry.
-    assert config.scan_chunks_per_program_for(64, 65536) == 1
-    assert BkScanConfig(scan_chunks_per_program=4).scan_chunks_per_program_for(64, 65536) == 4
+    assert config.scan_chunks_per_program == 1
 
 
 def _matrix_scan_kernel(lanes, reverse):

@@ -12,10 +12,9 @@ scan_vector  consecutive positions per lane in the forward kernels (a power of t
 scan_warps   warps per program of the forward kernels; None: one lane per thread (scan_lanes / 32, 1 to 8).
 scan_chunks_per_program
              chunks one program of the forward kernels walks in turn, loading the next chunk while it computes
-             the current one. With one chunk per program every program loads, then computes, then stores, in one
-             wave that leaves memory idle while it computes; a few chunks each were meant to overlap the two, but
-             on the H100 they did not pay (B=64 N=65,536: 31.2 / 37.2 µs causal / bidirectional at 1 chunk, 31.8 /
-             38.4 at 4, worse at 2 and 8; docs/perf/NOTES.md v7), so the default (None) is 1. Kept for cards with
+             the current one, to overlap loads and arithmetic inside a program. On the H100 this did not pay
+             (programs of one chunk already overlap each other's phases) (B=64 N=65,536: 31.2 / 37.2 µs causal / bidirectional at 1 chunk, 31.8 /
+             38.4 at 4, worse at 2 and 8; docs/perf/NOTES.md v7), so the default is 1. Kept for cards with
              fewer SMs, where the programs run in many waves.
 
 Backward (chunked three-phase form; `chunk`, `lanes`, `carry_*` also size the reference-mode kernel):
@@ -52,15 +51,15 @@ class BkScanConfig:
     scan_lanes: int | None = None
     scan_vector: int | None = None
     scan_warps: int | None = None
-    scan_chunks_per_program: int | None = None
+    scan_chunks_per_program: int = 1
 
     def __post_init__(self):
         if self.chunk is not None and (not is_power_of_two(self.chunk) or self.chunk < self.vector):
             raise ValueError(f"BkScanConfig.chunk must be None or a power of two >= vector, got {self.chunk!r}")
-        for name in ("vector", "lanes", "carry_rows", "carry_vector"):
+        for name in ("vector", "lanes", "carry_rows", "carry_vector", "scan_chunks_per_program"):
             if not is_power_of_two(getattr(self, name)):
                 raise ValueError(f"BkScanConfig.{name} must be a power of two, got {getattr(self, name)!r}")
-        for name, smallest in (("scan_lanes", 2), ("scan_vector", 1), ("scan_chunks_per_program", 1)):
+        for name, smallest in (("scan_lanes", 2), ("scan_vector", 1)):
             value = getattr(self, name)
             if value is not None and (not is_power_of_two(value) or value < smallest):
                 raise ValueError(f"BkScanConfig.{name} must be None or a power of two >= {smallest}, got {value!r}")
@@ -87,10 +86,6 @@ class BkScanConfig:
             return self.scan_vector
         return 32 if n >= 32768 else 16
 
-    def scan_chunks_per_program_for(self, batch: int, n: int) -> int:
-        del batch, n  # one default for every size (see the docstring)
-        return 1 if self.scan_chunks_per_program is None else self.scan_chunks_per_program
-
     def scan_warps_for(self, n: int) -> int:
         if self.scan_warps is not None:
             return self.scan_warps
@@ -101,7 +96,7 @@ def describe(config: BkScanConfig, batch: int, n: int) -> str:
     lanes = config.scan_lanes_for(n)
     vector = config.scan_vector_for(n)
     chunks = -(-n // (lanes * vector))
-    per_program = min(chunks, config.scan_chunks_per_program_for(batch, n))
+    per_program = min(chunks, config.scan_chunks_per_program)
     return (f"forward: lanes={lanes} vector={vector} chunks/row={chunks} chunks/program={per_program} "
             f"programs={batch * -(-chunks // per_program)} "
             f"warps={config.scan_warps_for(n)}; backward: chunk={config.chunk_for(n)} lanes={config.lanes}")

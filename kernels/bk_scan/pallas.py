@@ -489,7 +489,7 @@ def _forward(a, kc, zvec, mode, config, interpret):
     batch, n = a.shape
     sides = _SIDES[mode]
     geo = _ScanGeometry(n=n, batch=batch, lanes=config.scan_lanes_for(n), vector=config.scan_vector_for(n),
-                        chunks_per_program=config.scan_chunks_per_program_for(batch, n),
+                        chunks_per_program=config.scan_chunks_per_program,
                         coupling_rows=0 if kc is None else kc.shape[0], interpret=interpret)
     coupling = () if kc is None else (kc.reshape(-1),)
 
