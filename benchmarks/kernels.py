@@ -343,6 +343,13 @@ def bench_bk(copy_bw, quick, sweep):
             t, s = time_op(bidir, sets)
             record("bk_bidir", shape, f"fwd pallas {tag}", t, s, minimal, copy_bw, base_bi, note=label)
             if config is None:
+                # z as a run-time array (as in the models, where z is a buffer): one small XLA fusion per call
+                # builds (Re z, Im z) for the kernels, which otherwise compile a Python z in.
+                z_sets = [(a, jnp.asarray(1j, jnp.complex64)) for (a,) in sets]
+                for op, fn in (("bk_causal", causal), ("bk_bidir", bidir)):
+                    t, s = time_op(lambda a, z, fn=fn: fn(a, z=z), z_sets)
+                    record(op, shape, "fwd pallas default, z array", t, s, minimal, copy_bw,
+                           base if op == "bk_causal" else base_bi, note=label)
                 t, s = time_op(lambda a, w: jax.vjp(causal, a)[1](w)[0], grad_sets)
                 # minimal bytes of forward + backward: read a, write G; read G and the cotangent, write grad a
                 record("bk_causal", shape, "fwd+bwd (vjp) pallas", t, s, 32 * batch * n, copy_bw, base_g, note=label)

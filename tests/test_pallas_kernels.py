@@ -195,6 +195,56 @@ def test_bk_real_energy_with_a_padded_last_chunk():
         assert rel_err(out, np.stack([oracle(a, None, None, 0.0).real, oracle(a, None, None, 0.0).imag], -1)) <= 1e-4
 
 
+def _pallas_call_arities(closed_jaxpr):
+    """Number of inputs of every pallas_call in a jaxpr, sub-jaxprs (jit, custom_vjp) included."""
+    found = []
+
+    def walk(jaxpr):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "pallas_call":
+                found.append(len(eqn.invars))
+            for value in eqn.params.values():
+                for sub in value if isinstance(value, (tuple, list)) else (value,):
+                    inner = getattr(sub, "jaxpr", sub)
+                    if hasattr(inner, "eqns"):
+                        walk(inner)
+
+    walk(closed_jaxpr.jaxpr)
+    return found
+
+
+@pytest.mark.parametrize("n", [32, 37], ids=["full-chunks", "padded"])
+def test_bk_python_and_array_z_agree(n):
+    # A Python z is compiled into the kernels, an array z is read at run time: same values, same gradients. At
+    # N = 32 every forward chunk is full (unit coupling then runs with k = 1 on every step and no masks); at N = 37
+    # the last one is padded.
+    a = jnp.asarray(bk_case(21, n=n, coupled=False)[0])
+    z = 0.3 + 0.8j
+    weights = jnp.asarray(np.random.default_rng(4).standard_normal((*a.shape, 2)), jnp.float32)
+    for kernel, oracle in BK_KERNELS_AND_ORACLES:
+        def loss(a, z, kernel=kernel):
+            return jnp.sum(kernel(a, None, None, z, config=BK_CONFIG, interpret=INTERPRET) * weights)
+
+        out = kernel(a, None, None, z, config=BK_CONFIG, interpret=INTERPRET)
+        assert elementwise_rel_err(out, oracle(np.asarray(a), None, None, z)) <= 1e-5
+        array_out = kernel(a, None, None, jnp.asarray(z, jnp.complex64), config=BK_CONFIG, interpret=INTERPRET)
+        assert rel_err(out, array_out) <= 1e-6
+        if n == 32:  # gradients once (the padded geometry's are covered with a Python z above)
+            static_grad = jax.jit(jax.grad(lambda a: loss(a, z)))(a)
+            array_grad = jax.jit(jax.grad(loss))(a, jnp.asarray(z, jnp.complex64))
+            assert rel_err(static_grad, array_grad) <= 1e-6
+        # The prefix and values kernels of the Python-z call take one input (z) fewer; the carry kernel has none.
+        static_arities = _pallas_call_arities(jax.make_jaxpr(lambda a: kernel(a, z=z, config=BK_CONFIG,
+                                                                               interpret=INTERPRET))(a))
+        array_arities = _pallas_call_arities(jax.make_jaxpr(lambda a, z: kernel(a, z=z, config=BK_CONFIG,
+                                                                                 interpret=INTERPRET))(a, z))
+        assert len(static_arities) == len(array_arities) == 3
+        assert sum(array_arities) - sum(static_arities) == 2
+        for bad in (None, True):
+            with pytest.raises(ValueError, match="z must be a complex scalar"):
+                kernel(a, z=bad, config=BK_CONFIG, interpret=INTERPRET)
+
+
 @pytest.mark.parametrize("field, value", [("scan_lanes", 48), ("scan_lanes", 1), ("scan_vector", 12),
                                           ("scan_chunks_per_program", 3),
                                           ("scan_warps", 3), ("chunk", 6), ("lanes", 0)])

@@ -33,6 +33,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from .. import _pallas_backend as backend
@@ -168,6 +169,14 @@ class _Geometry:
 
 
 
+def _take_z(refs, zconst):
+    """(Re z, -Im z, the other refs): z compiled in when `zconst` holds it, else read from the first ref."""
+    if zconst is not None:
+        return zconst[0], -zconst[1], refs
+    z_ref, *rest = refs
+    return z_ref[0], -z_ref[1], rest
+
+
 def _split_refs(refs, geo, n_in_after):
     """(kc_ref or None, the rest) for kernels whose coupling input is present only for non-unit coupling."""
     if geo.coupling_rows == 0:
@@ -189,9 +198,14 @@ _pipelined = backend.pipelined_loop
 #               coupling: `_transposed`); an in-register scan over the lanes (`backend.associative_scan`, one
 #               tt.scan) gives every lane's inclusive prefix, all stored (8 floats per lane and sweep); the last
 #               lane's is the chunk's product.
-#   2. carry:   one program per row scans its chunk products and stores the state entering every chunk.
+#   2. carry:   one program per row and sweep scans the row's chunk products and stores the state entering every
+#               chunk.
 #   3. values:  each lane applies its neighbour's prefix (the lanes before it) to its chunk's entering state and
 #               runs the continued fraction(s) through its V positions writing the outputs: no cross-lane work.
+#               Bidirectional: the two fractions meet in the middle of the lane (two independent chains of V
+#               steps, not one of 2V). Outputs are stored in groups of columns as they complete.
+# When every chunk lies wholly inside its row (N a multiple of L * V: `_ScanGeometry.exact`), nothing is masked
+# and unit coupling runs with k = 1 on every step. A Python z is compiled into the prefix and values kernels.
 # The right sweep (x_t = d_t x_{t+1} - k_{t+1} x_{t+2}, gR_t = x_{t+1} / x_t) is the same with positions walked
 # downwards: reverse scans, the neighbour to the right. Positions past the end of a row (the padding of its last
 # chunk) come after every real position in the left sweep, where their outputs are masked; in the right sweep they
@@ -204,6 +218,10 @@ _IDENTITY = (1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0)
 # float32 for |a - z| + |k| up to 1e4 (the bound the config documents).
 _RENORM_EVERY = 8
 _SIDES = {"left": ("left",), "right": ("right",), "both": ("left", "right")}
+# Output columns per store of the values kernel, per mode: 16 = 128 contiguous bytes of interleaved (Re, Im) per
+# lane. On the H100 16 beat 8 by ~1 µs for the one-sided scans and lost by ~1 µs for the bidirectional one
+# (docs/perf/NOTES.md v8).
+_STORE_COLUMNS = {"left": 16, "right": 16, "both": 8}
 
 
 def _compose_unnormalised(earlier, later):
@@ -243,6 +261,10 @@ class _ScanGeometry:
         self.groups = -(-self.chunks // self.per_program)  # programs per row
         self.coupling_rows = coupling_rows
         self.interpret = interpret
+        # Every program's chunks lie wholly inside its row: no position needs a mask, and with unit coupling every
+        # step can use k = 1, even at the row ends, because the boundary state (0, 1) entering a row's first step
+        # (in either sweep) has p = 0, so the coupling of that step multiplies zero.
+        self.exact = n % self.chunk == 0 and self.groups * self.per_program == self.chunks
 
     def program(self):
         """(row, first chunk) of this program; it handles chunks first .. first + per_program - 1 (those that
@@ -264,23 +286,31 @@ class _ScanGeometry:
 
         backend.pipelined_loop(self.per_program, lambda i: load(row, first + i), step, jnp.int32(0))
 
-    def block(self, chunk):
-        """Positions (L, V) of each lane's block in the chunk, and which of them lie inside the row."""
+    def block(self, chunk, first=0, width=None):
+        """Positions (L, width) of columns first .. first + width - 1 of each lane's block in the chunk (all V
+        columns by default), and which of them lie inside the row."""
+        width = self.vector if width is None else width
         lane = jnp.arange(self.lanes, dtype=jnp.int32)
-        pos = (chunk * self.chunk + lane * self.vector)[:, None] + jnp.arange(self.vector, dtype=jnp.int32)[None]
-        return pos, pos < self.n
+        pos = (chunk * self.chunk + lane * self.vector + first)[:, None] + jnp.arange(width, dtype=jnp.int32)[None]
+        return pos, None if self.exact else pos < self.n
 
     def _index(self, index, valid, size):
         # The Pallas interpreter writes masked-off elements back with their old values: move them out of bounds.
-        return jnp.where(valid, index, size) if self.interpret else index
+        return jnp.where(valid, index, size) if self.interpret and valid is not None else index
 
     def load_a(self, a_ref, row, pos, valid):
         index = self._index(row * self.n + pos, valid, self.batch * self.n)
+        if valid is None:
+            return backend.load(a_ref.at[index]).astype(F32)
         return backend.load(a_ref.at[index], mask=valid, other=0.0).astype(F32)
 
     def coupling(self, kc_ref, row, bond, valid):
-        """k of bond `bond` (coupling positions bond-1 and bond); 0 off the ends of the row."""
-        ok = valid & (bond >= 1) & (bond < self.n)
+        """k of bond `bond` (coupling positions bond-1 and bond); 0 off the ends of the row. None for k = 1 on
+        every step (unit coupling in an `exact` geometry)."""
+        if self.coupling_rows == 0 and self.exact:
+            return None
+        ok = (bond >= 1) & (bond < self.n)
+        ok = ok if valid is None else ok & valid
         if self.coupling_rows == 0:
             return jnp.where(ok, 1.0, 0.0).astype(F32)
         krow = row if self.coupling_rows == self.batch else 0
@@ -299,8 +329,8 @@ class _ScanGeometry:
         a, kap = tiles
         _, valid = self.block(chunk)
         # Padding steps get Re d = 1 (d = 1 - i Im z, never 0), so they keep the state's q non-zero even at z = 0.
-        d_re = jnp.where(valid, a - zr, 1.0)
-        return _columns(d_re), {side: _columns(k) for side, k in kap.items()}
+        d_re = a - zr if valid is None else jnp.where(valid, a - zr, 1.0)
+        return _columns(d_re), {side: [1.0] * self.vector if k is None else _columns(k) for side, k in kap.items()}
 
     # Lane scan entries, (B, chunks, 8 fields per side, L) flat: each field of a chunk is L contiguous floats.
     def prefix_index(self, row, chunk, lane, field, n_sides):
@@ -316,11 +346,12 @@ class _ScanGeometry:
     def state_size(self, n_sides):
         return self.batch * self.chunks * 4 * n_sides
 
-    def store_outputs(self, out_ref, row, chunk, re_cols, im_cols):
-        pos, valid = self.block(chunk)
+    def store_outputs(self, out_ref, row, chunk, first, re_cols, im_cols):
+        """Store (Re, Im) of columns first .. first + len(re_cols) - 1 of the lanes' blocks, interleaved."""
+        pos, valid = self.block(chunk, first, len(re_cols))
         two = jnp.arange(2, dtype=jnp.int32)[None, None, :]
-        index = (row * 2 * self.n + 2 * pos[:, :, None] + two).reshape(self.lanes, 2 * self.vector)
-        mask = jnp.broadcast_to(valid[:, :, None], (*valid.shape, 2)).reshape(index.shape)
+        index = (row * 2 * self.n + 2 * pos[:, :, None] + two).reshape(self.lanes, 2 * len(re_cols))
+        mask = None if valid is None else jnp.broadcast_to(valid[:, :, None], (*valid.shape, 2)).reshape(index.shape)
         backend.store(out_ref.at[self._index(index, mask, self.batch * 2 * self.n)],
                       _interleave(re_cols, im_cols), mask=mask)
 
@@ -359,11 +390,11 @@ def _transposed(m):
     return m00r, m00i, -m10r, -m10i, -m01r, -m01i, m11r, m11i
 
 
-def _forward_prefix_kernel(z_ref, a_ref, *refs, geo, sides):
+def _forward_prefix_kernel(*refs, geo, sides, zconst):
     """Phase 1: per lane, the inclusive scan of the lanes' block maps within the chunk (reverse for the right
     sweep), all lanes stored; the chunk's product is the entry of the lane the scan ends at."""
+    zr, d_im, (a_ref, *refs) = _take_z(refs, zconst)
     kc_ref, (prefix_ref,) = _split_refs(refs, geo, 1)
-    zr, d_im = z_ref[0], -z_ref[1]
     lane = jnp.arange(geo.lanes, dtype=jnp.int32)
     # Block maps are normalised (|Re|, |Im| < 1 per entry) and a product of two grows them at most 4x, so up to
     # 64 lanes (4**63 < 3e38) the lane scan can skip the renormalisation of every combine and renormalise once.
@@ -389,26 +420,34 @@ def _forward_prefix_kernel(z_ref, a_ref, *refs, geo, sides):
 
 
 def _forward_carry_kernel(prefix_ref, states_ref, *, geo, sides):
-    """Phase 2, one program per row: scan the chunk products and store the state entering every chunk (the
-    boundary state (0, 1) carried through the chunks before it; after it, for the right sweep)."""
-    row = backend.program_id(0)
+    """Phase 2, one program per (row, sweep): scan the row's chunk products and store the state entering every
+    chunk (the boundary state (0, 1) carried through the chunks before it in the sweep's order).
+
+    The right sweep's chunks are loaded in reverse, so both sweeps run the same forward scan and one launch holds
+    the two sweeps of every row side by side (before: one program per row, the sweeps one after the other)."""
+    pid = backend.program_id(0)
+    row, s = pid // len(sides), pid % len(sides)
+    # right: 1 for the right sweep, else 0 (integer arithmetic: the Triton lowering cannot select tensors on a
+    # scalar condition).
+    right = s if sides == ("left", "right") else int(sides == ("right",))
     idx = jnp.arange(geo.records, dtype=jnp.int32)
     real = idx < geo.chunks
-    for s, side in enumerate(sides):
-        end_lane = geo.lanes - 1 if side == "left" else 0
-        record = tuple(backend.load(prefix_ref.at[geo._index(geo.prefix_index(row, idx, end_lane, 8 * s + f,
-                                                                              len(sides)),
-                                                             real, geo.prefix_size(len(sides)))],
-                                    mask=real, other=identity) for f, identity in enumerate(_IDENTITY))
-        scanned = backend.associative_scan(_compose, record, reverse=side == "right")
-        # The scan through chunk j is the map entering chunk j + 1 (j - 1 for the right sweep); applied to the
-        # boundary state (0, 1) it is the matrix's second column.
-        state = _normalise([scanned[2], scanned[3], scanned[6], scanned[7]])
-        target = idx + 1 if side == "left" else idx - 1
-        ok = real & (target >= 0) & (target < geo.chunks)
-        for f, plane in enumerate(state):
-            index = geo._index(geo.state_index(row, target, 4 * s + f, len(sides)), ok, geo.state_size(len(sides)))
-            backend.store(states_ref.at[index], plane, mask=ok)
+    chunk = idx + right * (geo.chunks - 1 - 2 * idx)               # the idx-th chunk in the sweep's order
+    end_lane = (1 - right) * (geo.lanes - 1)                       # the lane whose scan entry is the chunk's product
+    record = tuple(backend.load(prefix_ref.at[geo._index(geo.prefix_index(row, chunk, end_lane, 8 * s + f,
+                                                                          len(sides)),
+                                                         real, geo.prefix_size(len(sides)))],
+                                mask=real, other=identity) for f, identity in enumerate(_IDENTITY))
+    # Chunk products are normalised, so up to 64 of them compose without overflow (as in the lane scans).
+    scanned = backend.associative_scan(_compose_unnormalised if geo.records <= 64 else _compose, record)
+    # The scan through the idx-th chunk is the map entering the next one in the sweep's order; applied to the
+    # boundary state (0, 1) it is the matrix's second column.
+    state = _normalise([scanned[2], scanned[3], scanned[6], scanned[7]])
+    target = chunk + 1 - 2 * right
+    ok = real & (target >= 0) & (target < geo.chunks)
+    for f, plane in enumerate(state):
+        index = geo._index(geo.state_index(row, target, 4 * s + f, len(sides)), ok, geo.state_size(len(sides)))
+        backend.store(states_ref.at[index], plane, mask=ok)
 
 
 def _reciprocal(re, im):
@@ -420,13 +459,13 @@ def _reciprocal(re, im):
     return re * scale, -im * scale
 
 
-def _forward_values_kernel(z_ref, a_ref, *refs, geo, mode):
+def _forward_values_kernel(*refs, geo, mode, zconst):
     """Phase 3: each lane's entering state = (the neighbour lane's scan entry) applied to the chunk's entering
     state; the lane then runs the continued fraction(s) through its V positions and writes the outputs. No
     cross-lane work."""
+    zr, d_im, (a_ref, *refs) = _take_z(refs, zconst)
     kc_ref, (prefix_ref, states_ref, out_ref) = _split_refs(refs, geo, 3)
     sides = _SIDES[mode]
-    zr, d_im = z_ref[0], -z_ref[1]
     lane = jnp.arange(geo.lanes, dtype=jnp.int32)
     # General couplings need not keep H Hermitian (k = b c < 0), so they keep the scaled division.
     reciprocal = _reciprocal if geo.coupling_rows == 0 else (lambda re, im: _cdiv(jnp.ones_like(re),
@@ -458,34 +497,60 @@ def _forward_values_kernel(z_ref, a_ref, *refs, geo, mode):
         for side in sides:
             pr, pi, qr, qi = _apply(prefix[side], entering[side][:2], entering[side][2:])
             ratio[side] = _cdiv(pr, pi, qr, qi)
-        g_re, g_im = [None] * geo.vector, [None] * geo.vector
-        if mode == "both":
-            # G_t = 1 / (DL_t + DR_t - d_t), DL_t = d_t - k_t gL_{t-1} = 1 / gL_t, DR_t = d_t - k_{t+1} gR_{t+1}
-            # = 1 / gR_t: the left fraction keeps its denominators for the right one, three reciprocals a position.
-            gr, gi = ratio["left"]
-            left = [None] * geo.vector
-            for j in range(geo.vector):
-                left[j] = (d_re[j] - kap["left"][j] * gr, d_im - kap["left"][j] * gi)
-                gr, gi = reciprocal(*left[j])
-            gr, gi = ratio["right"]
-            for j in reversed(range(geo.vector)):
-                k = kap["right"][j]
-                g_re[j], g_im[j] = reciprocal(left[j][0] - k * gr, left[j][1] - k * gi)
-                gr, gi = reciprocal(d_re[j] - k * gr, d_im - k * gi)
+        vector = geo.vector
+        width = min(_STORE_COLUMNS[mode], vector)
+        g_re, g_im = [None] * vector, [None] * vector
+
+        def emit(j, value):
+            # Outputs are stored a group of columns at a time, as soon as the group is complete, so that few of
+            # them are live (registers) at once.
+            g_re[j], g_im[j] = value
+            first = j - j % width
+            if all(x is not None for x in g_re[first:first + width]):
+                geo.store_outputs(out_ref, row, chunk, first, g_re[first:first + width], g_im[first:first + width])
+
+        def step(d_j, k, g):
+            """(D, 1 / D) with D = d_j - k g: a continued fraction's denominator and its next value."""
+            den = (d_j[0] - k * g[0], d_j[1] - k * g[1])
+            return den, reciprocal(*den)
+
+        if mode == "both" and vector == 1:
+            gl, gr = ratio["left"], ratio["right"]
+            kl, kr = kap["left"][0], kap["right"][0]
+            emit(0, reciprocal(d_re[0] - kl * gl[0] - kr * gr[0], d_im - kl * gl[1] - kr * gr[1]))
+        elif mode == "both":
+            # G_t = 1 / (DL_t + DR_t - d_t) with DL_t = d_t - k_t gL_{t-1} = 1 / gL_t and DR_t = d_t - k_{t+1}
+            # gR_{t+1} = 1 / gR_t. Meet in the middle: first the left fraction runs through the first half of the
+            # lane's positions and the right one through the second (keeping their denominators); then each runs
+            # on through the other half, where G_t = 1 / (DR_t - k_t gL_{t-1}) = 1 / (DL_t - k_{t+1} gR_{t+1}).
+            # Two independent chains of V steps instead of one of 2V; three reciprocals a position.
+            half = vector // 2
+            gl, gr = ratio["left"], ratio["right"]
+            dl, dr = [None] * vector, [None] * vector
+            for i in range(half):
+                left, right = i, vector - 1 - i
+                dl[left], gl = step((d_re[left], d_im), kap["left"][left], gl)
+                dr[right], gr = step((d_re[right], d_im), kap["right"][right], gr)
+            for i in range(half, vector):
+                left, right = i, vector - 1 - i
+                kl, kr = kap["left"][left], kap["right"][right]
+                emit(left, reciprocal(dr[left][0] - kl * gl[0], dr[left][1] - kl * gl[1]))
+                emit(right, reciprocal(dl[right][0] - kr * gr[0], dl[right][1] - kr * gr[1]))
+                _, gl = step((d_re[left], d_im), kl, gl)
+                _, gr = step((d_re[right], d_im), kr, gr)
         else:
             (side,) = sides
-            gr, gi = ratio[side]
-            for j in _order(side, geo.vector):
-                k = kap[side][j]
-                gr, gi = reciprocal(d_re[j] - k * gr, d_im - k * gi)
-                g_re[j], g_im[j] = gr, gi
-        geo.store_outputs(out_ref, row, chunk, g_re, g_im)
+            g = ratio[side]
+            for j in _order(side, vector):
+                _, g = step((d_re[j], d_im), kap[side][j], g)
+                emit(j, g)
 
     geo.chunk_loop(load, compute)
 
 
-def _forward(a, kc, zvec, mode, config, interpret):
-    """Interleaved (B, 2N) float32 [Re g_0, Im g_0, ...]: mode "left" (causal gL), "right" (gR) or "both" (G)."""
+def _forward(a, kc, zvec, mode, config, interpret, zconst=None):
+    """Interleaved (B, 2N) float32 [Re g_0, Im g_0, ...]: mode "left" (causal gL), "right" (gR) or "both" (G).
+    z is `zconst` (Python floats, compiled into the kernels) when given, else the (2,) array `zvec`."""
     batch, n = a.shape
     sides = _SIDES[mode]
     geo = _ScanGeometry(n=n, batch=batch, lanes=config.scan_lanes_for(n), vector=config.scan_vector_for(n),
@@ -500,13 +565,14 @@ def _forward(a, kc, zvec, mode, config, interpret):
                                    num_warps=warps, num_stages=config.num_stages, interpret=interpret, name=name)
 
     flat_a = a.reshape(-1)
+    z_in = () if zconst is not None else (zvec,)
     programs = batch * geo.groups
-    prefix = launch(functools.partial(_forward_prefix_kernel, geo=geo, sides=sides), geo.prefix_size(len(sides)),
-                    f"bk_{mode}_prefix", programs, warps)(zvec, flat_a, *coupling)
+    prefix = launch(functools.partial(_forward_prefix_kernel, geo=geo, sides=sides, zconst=zconst),
+                    geo.prefix_size(len(sides)), f"bk_{mode}_prefix", programs, warps)(*z_in, flat_a, *coupling)
     states = launch(functools.partial(_forward_carry_kernel, geo=geo, sides=sides), geo.state_size(len(sides)),
-                    f"bk_{mode}_carry", batch, config.carry_warps)(prefix)
-    out = launch(functools.partial(_forward_values_kernel, geo=geo, mode=mode), batch * 2 * n,
-                 f"bk_{mode}_values", programs, warps)(zvec, flat_a, *coupling, prefix, states)
+                    f"bk_{mode}_carry", batch * len(sides), config.carry_warps)(prefix)
+    out = launch(functools.partial(_forward_values_kernel, geo=geo, mode=mode, zconst=zconst), batch * 2 * n,
+                 f"bk_{mode}_values", programs, warps)(*z_in, flat_a, *coupling, prefix, states)
     return out.reshape(batch, 2 * n)
 
 
@@ -664,23 +730,27 @@ def _resolvent_grad(g, ct, kc, geo, config, interpret):
                          config, interpret, (4, 2), out, "bk_resolvent_grad")
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-def _scan(a, kc, zvec, descending, config, interpret):
+def _zero_cotangent(x):
+    return None if x is None else jnp.zeros_like(x)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def _scan(a, kc, zvec, descending, config, interpret, zconst):
     """One-sided resolvent (causal gL, or gR when `descending`) as interleaved (B, 2N), exact VJP for `a`."""
-    return _forward(a, kc, zvec, "right" if descending else "left", config, interpret)
+    return _forward(a, kc, zvec, "right" if descending else "left", config, interpret, zconst)
 
 
-def _scan_fwd(a, kc, zvec, descending, config, interpret):
-    g = _scan(a, kc, zvec, descending, config, interpret)
+def _scan_fwd(a, kc, zvec, descending, config, interpret, zconst):
+    g = _scan(a, kc, zvec, descending, config, interpret, zconst)
     return g, (g, kc, zvec, a.shape)
 
 
-def _scan_bwd(descending, config, interpret, residuals, ct):
+def _scan_bwd(descending, config, interpret, zconst, residuals, ct):
     g, kc, zvec, shape = residuals
     geo = _Geometry(n=shape[1], batch=shape[0], chunk=config.chunk_for(shape[1]), vector=config.vector,
                     descending=descending, coupling_rows=0 if kc is None else kc.shape[0], interpret=interpret)
     grad = _resolvent_grad(g, ct.astype(F32), kc, geo, config, interpret)
-    return grad, None if kc is None else jnp.zeros_like(kc), jnp.zeros_like(zvec)
+    return grad, _zero_cotangent(kc), _zero_cotangent(zvec)
 
 
 _scan.defvjp(_scan_fwd, _scan_bwd)
@@ -688,16 +758,30 @@ _scan.defvjp(_scan_fwd, _scan_bwd)
 
 # ------------------------------------------------------------------------------------------------- public entry
 
+def _static_z(z):
+    """(Re z, Im z) as Python floats when z is a Python (or NumPy) number: compiled into the kernels, so a call
+    needs no device work to build it. None for arrays and tracers (read by the kernels at run time)."""
+    if z is None or isinstance(z, (bool, np.bool_)):
+        raise ValueError(f"z must be a complex scalar (a number or a 0-d array), got {z!r}")
+    if isinstance(z, (int, float, complex, np.number)):
+        z = complex(z)
+        return float(z.real), float(z.imag)
+    return None
+
+
 def _prepare(a, b, c, z):
-    """(a (B, N) f32, kc (rows, N) f32 or None for unit coupling, z as (2,) f32)."""
+    """(a (B, N) f32, kc (rows, N) f32 or None for unit coupling, z as (2,) f32; None for z = None, which the
+    callers pass when z is compiled into the kernels)."""
     a = jnp.asarray(a, F32)
     if a.ndim != 2 or a.shape[1] < 1:
         raise ValueError(f"a must have shape (B, N) with N >= 1, got {a.shape}")
     batch, n = a.shape
-    z = jnp.asarray(z, jnp.complex64)
-    if z.ndim != 0:
-        raise ValueError(f"z must be a scalar, got shape {z.shape}")
-    zvec = lax.stop_gradient(jnp.stack([jnp.real(z), jnp.imag(z)]).astype(F32))
+    zvec = None
+    if z is not None:
+        z = jnp.asarray(z, jnp.complex64)
+        if z.ndim != 0:
+            raise ValueError(f"z must be a scalar, got shape {z.shape}")
+        zvec = lax.stop_gradient(jnp.stack([jnp.real(z), jnp.imag(z)]).astype(F32))
     if b is None and c is None:
         return a, None, zvec
     parts = []
@@ -717,17 +801,24 @@ def _resolve_config(config, interpret):
     return BkScanConfig() if config is None else config
 
 
-@functools.partial(jax.jit, static_argnames=("config", "interpret"))
-def causal_features_pallas(a, b=None, c=None, z=1j, *, config: BkScanConfig | None = None,
-                           interpret: bool = False):
-    """Causal resolvent g_t = 1/(d_t - k_t g_{t-1}) as features (B, N, 2) float32, exact gradient for `a`."""
-    config = _resolve_config(config, interpret)
+@functools.partial(jax.jit, static_argnames=("config", "interpret", "zconst"))
+def _causal_features(a, b, c, z, *, config, interpret, zconst):
     a, kc, zvec = _prepare(a, b, c, z)
-    g = _scan(a, kc, zvec, False, config, bool(interpret))
+    g = _scan(a, kc, zvec, False, config, interpret, zconst)
     return g.reshape(a.shape[0], a.shape[1], 2)
 
 
-def _combine_sides(a, kc, zvec, left, right):
+def causal_features_pallas(a, b=None, c=None, z=1j, *, config: BkScanConfig | None = None,
+                           interpret: bool = False):
+    """Causal resolvent g_t = 1/(d_t - k_t g_{t-1}) as features (B, N, 2) float32, exact gradient for `a`.
+
+    A Python number z is compiled into the kernels (one compilation per value); an array z is read at run time."""
+    zconst = _static_z(z)
+    return _causal_features(a, b, c, None if zconst is not None else z, config=_resolve_config(config, interpret),
+                            interpret=bool(interpret), zconst=zconst)
+
+
+def _combine_sides(a, kc, z, left, right):
     """G from the one-sided resolvents (interleaved (B, 2N) each): the unfused form, differentiated by JAX."""
     batch, n = a.shape
     gl = lax.complex(left[:, 0::2], left[:, 1::2])
@@ -736,45 +827,52 @@ def _combine_sides(a, kc, zvec, left, right):
     zero = jnp.zeros((batch, 1), jnp.complex64)
     from_left = jnp.concatenate([zero, k[:, 1:] * gl[:, :-1]], axis=1)
     from_right = jnp.concatenate([k[:, 1:] * gr[:, 1:], zero], axis=1)
-    g = 1.0 / ((a - lax.complex(zvec[0], zvec[1])) - from_left - from_right)
+    g = 1.0 / ((a - z) - from_left - from_right)
     return jnp.stack([jnp.real(g), jnp.imag(g)], axis=-1)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _bidirectional(a, kc, zvec, config, interpret):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _bidirectional(a, kc, zvec, config, interpret, zconst):
     """G as (B, N, 2) from the fused kernel (both sweeps in one pass, one write of G)."""
-    return _forward(a, kc, zvec, "both", config, interpret).reshape(a.shape[0], a.shape[1], 2)
+    return _forward(a, kc, zvec, "both", config, interpret, zconst).reshape(a.shape[0], a.shape[1], 2)
 
 
-def _bidirectional_fwd(a, kc, zvec, config, interpret):
-    return _bidirectional(a, kc, zvec, config, interpret), (a, kc, zvec)
+def _bidirectional_fwd(a, kc, zvec, config, interpret, zconst):
+    return _bidirectional(a, kc, zvec, config, interpret, zconst), (a, kc, zvec)
 
 
-def _bidirectional_bwd(config, interpret, residuals, ct):
+def _bidirectional_bwd(config, interpret, zconst, residuals, ct):
     # Recompute both sides with the one-sided kernels and pull the cotangent back through the unfused combination
     # (JAX) and their backward kernels: the forward stays one pass, the gradient is exact.
     a, kc, zvec = residuals
+    z = complex(*zconst) if zconst is not None else lax.complex(zvec[0], zvec[1])
 
     def unfused(a):
-        return _combine_sides(a, kc, zvec, _scan(a, kc, zvec, False, config, interpret),
-                              _scan(a, kc, zvec, True, config, interpret))
+        return _combine_sides(a, kc, z, _scan(a, kc, zvec, False, config, interpret, zconst),
+                              _scan(a, kc, zvec, True, config, interpret, zconst))
 
     grad = jax.vjp(unfused, a)[1](ct)[0]
-    return grad, None if kc is None else jnp.zeros_like(kc), jnp.zeros_like(zvec)
+    return grad, _zero_cotangent(kc), _zero_cotangent(zvec)
 
 
 _bidirectional.defvjp(_bidirectional_fwd, _bidirectional_bwd)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "interpret"))
+@functools.partial(jax.jit, static_argnames=("config", "interpret", "zconst"))
+def _bidirectional_features(a, b, c, z, *, config, interpret, zconst):
+    a, kc, zvec = _prepare(a, b, c, z)
+    return _bidirectional(a, kc, zvec, config, interpret, zconst)
+
+
 def bidirectional_features_pallas(a, b=None, c=None, z=1j, *, config: BkScanConfig | None = None,
                                   interpret: bool = False):
     """[(H - zI)^-1]_ii = 1/(d_i - k_i gL_{i-1} - k_{i+1} gR_{i+1}) as features (B, N, 2), exact grad for `a`.
 
     Forward: one fused kernel pair (both continued fractions in one pass over a, G written once). Backward: the
     one-sided kernels recompute gL and gR, whose backward kernels and the (JAX-differentiated) combination give
-    the exact gradient.
+    the exact gradient. A Python number z is compiled into the kernels (one compilation per value); an array z is
+    read at run time.
     """
-    config = _resolve_config(config, interpret)
-    a, kc, zvec = _prepare(a, b, c, z)
-    return _bidirectional(a, kc, zvec, config, bool(interpret))
+    zconst = _static_z(z)
+    return _bidirectional_features(a, b, c, None if zconst is not None else z, config=_resolve_config(config, interpret),
+                                   interpret=bool(interpret), zconst=zconst)
