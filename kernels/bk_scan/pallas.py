@@ -509,9 +509,9 @@ def _forward_values_kernel(*refs, geo, mode, zconst):
             if all(x is not None for x in g_re[first:first + width]):
                 geo.store_outputs(out_ref, row, chunk, first, g_re[first:first + width], g_im[first:first + width])
 
-        def step(d_j, k, g):
-            """(D, 1 / D) with D = d_j - k g: a continued fraction's denominator and its next value."""
-            den = (d_j[0] - k * g[0], d_j[1] - k * g[1])
+        def step(j, k, g):
+            """(D, 1 / D) with D = d_j - k g: a continued fraction's denominator at column j and its next value."""
+            den = (d_re[j] - k * g[0], d_im - k * g[1])
             return den, reciprocal(*den)
 
         if mode == "both" and vector == 1:
@@ -529,20 +529,20 @@ def _forward_values_kernel(*refs, geo, mode, zconst):
             dl, dr = [None] * vector, [None] * vector
             for i in range(half):
                 left, right = i, vector - 1 - i
-                dl[left], gl = step((d_re[left], d_im), kap["left"][left], gl)
-                dr[right], gr = step((d_re[right], d_im), kap["right"][right], gr)
+                dl[left], gl = step(left, kap["left"][left], gl)
+                dr[right], gr = step(right, kap["right"][right], gr)
             for i in range(half, vector):
                 left, right = i, vector - 1 - i
                 kl, kr = kap["left"][left], kap["right"][right]
                 emit(left, reciprocal(dr[left][0] - kl * gl[0], dr[left][1] - kl * gl[1]))
                 emit(right, reciprocal(dl[right][0] - kr * gr[0], dl[right][1] - kr * gr[1]))
-                _, gl = step((d_re[left], d_im), kl, gl)
-                _, gr = step((d_re[right], d_im), kr, gr)
+                _, gl = step(left, kl, gl)
+                _, gr = step(right, kr, gr)
         else:
             (side,) = sides
             g = ratio[side]
             for j in _order(side, vector):
-                _, g = step((d_re[j], d_im), kap[side][j], g)
+                _, g = step(j, kap[side][j], g)
                 emit(j, g)
 
     geo.chunk_loop(load, compute)
