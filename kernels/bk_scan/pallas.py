@@ -168,7 +168,6 @@ class _Geometry:
         return backend.load(ref.at[row[:, None], index], mask=mask, other=0.0).astype(F32)
 
 
-
 def _take_z(refs, zconst):
     """(Re z, -Im z, the other refs): z compiled in when `zconst` holds it, else read from the first ref."""
     if zconst is not None:
@@ -177,7 +176,7 @@ def _take_z(refs, zconst):
     return z_ref[0], -z_ref[1], rest
 
 
-def _split_refs(refs, geo, n_in_after):
+def _split_refs(refs, geo):
     """(kc_ref or None, the rest) for kernels whose coupling input is present only for non-unit coupling."""
     if geo.coupling_rows == 0:
         return None, refs
@@ -394,7 +393,7 @@ def _forward_prefix_kernel(*refs, geo, sides, zconst):
     """Phase 1: per lane, the inclusive scan of the lanes' block maps within the chunk (reverse for the right
     sweep), all lanes stored; the chunk's product is the entry of the lane the scan ends at."""
     zr, d_im, (a_ref, *refs) = _take_z(refs, zconst)
-    kc_ref, (prefix_ref,) = _split_refs(refs, geo, 1)
+    kc_ref, (prefix_ref,) = _split_refs(refs, geo)
     lane = jnp.arange(geo.lanes, dtype=jnp.int32)
     # Block maps are normalised (|Re|, |Im| < 1 per entry) and a product of two grows them at most 4x, so up to
     # 64 lanes (4**63 < 3e38) the lane scan can skip the renormalisation of every combine and renormalise once.
@@ -464,7 +463,7 @@ def _forward_values_kernel(*refs, geo, mode, zconst):
     state; the lane then runs the continued fraction(s) through its V positions and writes the outputs. No
     cross-lane work."""
     zr, d_im, (a_ref, *refs) = _take_z(refs, zconst)
-    kc_ref, (prefix_ref, states_ref, out_ref) = _split_refs(refs, geo, 3)
+    kc_ref, (prefix_ref, states_ref, out_ref) = _split_refs(refs, geo)
     sides = _SIDES[mode]
     lane = jnp.arange(geo.lanes, dtype=jnp.int32)
     # General couplings need not keep H Hermitian (k = b c < 0), so they keep the scaled division.
@@ -630,7 +629,7 @@ def _backward_terms(tiles, vector):
 
 def _adjoint_maps_kernel(g_ref, ct_ref, *refs, geo, lanes):
     """Per chunk, the affine map lambda_{end+1} -> lambda_start = c + P lambda_{end+1} (complex P, c)."""
-    kc_ref, (maps_ref,) = _split_refs(refs, geo, 1)
+    kc_ref, (maps_ref,) = _split_refs(refs, geo)
     row, chunk, ok = geo.lanes(lanes)
 
     def compute(i, tiles, state):
@@ -673,7 +672,7 @@ def _adjoint_carry_kernel(maps_ref, states_ref, *, geo, rows, vb):
 
 
 def _adjoint_values_kernel(g_ref, ct_ref, *refs, geo, lanes):
-    kc_ref, (states_ref, grad_ref) = _split_refs(refs, geo, 2)
+    kc_ref, (states_ref, grad_ref) = _split_refs(refs, geo)
     row, chunk, ok = geo.lanes(lanes)
     start = _record_columns(states_ref, row, ok, chunk, 2, geo.chunks)
 
