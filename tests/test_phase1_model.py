@@ -46,6 +46,8 @@ def test_tiny_phase1_model_is_causal_bit_for_bit():
         assert np.array_equal(out[:, :t], base[:, :t]) and not np.array_equal(out[:, t], base[:, t])
 
 
+# The training-mode call warns once per process that LNS is inference-only (asserted in tests/test_lns.py).
+@pytest.mark.filterwarnings("ignore:LNSLinear is inference-only:UserWarning")
 def test_lns_head_used_at_inference_only():
     model = create_phase1_model(phase1=P1.replace(lns_enabled=True, lns_algorithm="exact", lns_use_max_log=False),
                                 **SMALL)
