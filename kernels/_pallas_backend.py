@@ -160,6 +160,17 @@ def store(ref_view, value, mask=None) -> None:
 program_id = pl.program_id
 
 
+def reciprocal(x, *, interpret: bool):
+    """1 / x for float32, as one `rcp.approx.ftz.f32` in compiled kernels (the SFU's reciprocal: at most 1 ulp of
+    error, subnormal inputs and results flushed to zero, 1/0 = inf). A float32 division in a Triton kernel is
+    `div.full.f32`: the same approximation plus range scaling around it. The interpreter divides exactly."""
+    if interpret:
+        return 1.0 / x
+    (out,) = plgpu.elementwise_inline_asm("rcp.approx.ftz.f32 $0, $1;", args=[x], constraints="=f,f", pack=1,
+                                          result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, x.dtype)])
+    return out
+
+
 # --------------------------------------------------------------------------------------------------------------
 # associative_scan: an in-register scan across the lanes of a program, with any associative combine.
 #

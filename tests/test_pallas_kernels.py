@@ -6,6 +6,8 @@ speed-independent GPU checks). Block sizes are small here so that every case has
 kind (time tiles, rank blocks, segments, chunks, lanes) and odd lengths leave partial blocks.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -335,6 +337,20 @@ def test_explicit_pallas_is_a_clear_error_on_cpu_and_defaults_stay_xla():
     with pytest.raises(_pallas_backend.PallasUnavailableError):
         lns_matmul(la, sa, la.T, sa.T, implementation="pallas")
     assert not _pallas_backend.default_is_pallas("ar_ssm_scan")  # no warning either: XLA is the CPU default
+
+
+def test_bk_sfu_reciprocals_only_where_they_were_measured_faster(monkeypatch):
+    # Compiled bidirectional values kernels take their reciprocals as one rcp.approx.ftz.f32 each (1 µs faster on
+    # the H100); the one-sided kernels keep the division (0.7 µs faster there), and the interpreter divides.
+    monkeypatch.setattr(_pallas_backend, "require", lambda *args, **kwargs: None)
+    a = jax.ShapeDtypeStruct((3, 1000), jnp.float32)
+
+    def sfu_ops(kernel, interpret):
+        return str(jax.make_jaxpr(functools.partial(kernel, interpret=interpret))(a)).count("rcp.approx.ftz.f32")
+
+    assert sfu_ops(bidirectional_features_pallas, False) > 0
+    assert sfu_ops(causal_features_pallas, False) == 0
+    assert sfu_ops(bidirectional_features_pallas, True) == 0
 
 
 @pytest.mark.skipif(ON_GPU, reason="lowers for CUDA from a machine without a GPU")

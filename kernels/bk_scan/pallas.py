@@ -63,11 +63,12 @@ def _normalise(planes):
     return [p * scale for p in planes]
 
 
-def _cdiv(qr, qi, nr, ni):
-    """q / n with both scaled first by the power of two that brings max(|Re n|, |Im n|) into [0.5, 1)."""
+def _cdiv(qr, qi, nr, ni, rcp):
+    """q / n with both scaled first by the power of two that brings max(|Re n|, |Im n|) into [0.5, 1); rcp(x) is
+    1 / x (`backend.reciprocal`)."""
     scale = _pow2(-_exponent(jnp.maximum(jnp.abs(nr), jnp.abs(ni))))
     qr, qi, nr, ni = qr * scale, qi * scale, nr * scale, ni * scale
-    inverse = 1.0 / (nr * nr + ni * ni)
+    inverse = rcp(nr * nr + ni * ni)
     return (qr * nr + qi * ni) * inverse, (qi * nr - qr * ni) * inverse
 
 
@@ -221,6 +222,11 @@ _SIDES = {"left": ("left",), "right": ("right",), "both": ("left", "right")}
 # lane. On the H100 16 beat 8 by ~1 µs for the one-sided scans and lost by ~1 µs for the bidirectional one
 # (docs/perf/NOTES.md v8).
 _STORE_COLUMNS = {"left": 16, "right": 16, "both": 8}
+# Whether the values kernel takes its reciprocals as one SFU instruction (`backend.reciprocal`) rather than a
+# division (Triton's `div.full.f32`, which adds range scaling). On the H100 the SFU form was 1 µs faster for the
+# bidirectional kernel (three reciprocals a position) and 0.7 µs slower for the one-sided ones, with the same
+# errors against float64 (docs/perf/NOTES.md v10).
+_SFU_RECIPROCAL = {"left": False, "right": False, "both": True}
 
 
 def _compose_unnormalised(earlier, later):
@@ -449,12 +455,17 @@ def _forward_carry_kernel(prefix_ref, states_ref, *, geo, sides):
         backend.store(states_ref.at[index], plane, mask=ok)
 
 
-def _reciprocal(re, im):
+def _divide_one(x):
+    return 1.0 / x
+
+
+def _reciprocal(re, im, rcp):
     """1 / (re + i im), unscaled. Used on the continued fractions' denominators D_t = d_t - k g: for unit coupling
     H is Hermitian, so |g| <= 1 / |Im z| and |Im z| <= |D| <= |d| + 1 / |Im z|, far inside the range where
     re^2 + im^2 neither overflows nor underflows (|Im z| >= 1e-15, |a - z| <= 1e15). At real z a denominator
-    under 1e-19 (where G itself is singular to float32 precision) gives inf instead of a huge finite value."""
-    scale = 1.0 / (re * re + im * im)
+    under 1e-19 (where G itself is singular to float32 precision) gives inf instead of a huge finite value.
+    rcp(x) is 1 / x (`backend.reciprocal`)."""
+    scale = rcp(re * re + im * im)
     return re * scale, -im * scale
 
 
@@ -466,9 +477,13 @@ def _forward_values_kernel(*refs, geo, mode, zconst):
     kc_ref, (prefix_ref, states_ref, out_ref) = _split_refs(refs, geo)
     sides = _SIDES[mode]
     lane = jnp.arange(geo.lanes, dtype=jnp.int32)
-    # General couplings need not keep H Hermitian (k = b c < 0), so they keep the scaled division.
-    reciprocal = _reciprocal if geo.coupling_rows == 0 else (lambda re, im: _cdiv(jnp.ones_like(re),
-                                                                                 jnp.zeros_like(im), re, im))
+    rcp = functools.partial(backend.reciprocal, interpret=geo.interpret) if _SFU_RECIPROCAL[mode] else _divide_one
+
+    def reciprocal(re, im):
+        if geo.coupling_rows == 0:
+            return _reciprocal(re, im, rcp)
+        # General couplings need not keep H Hermitian (k = b c < 0), so they keep the scaled division.
+        return _cdiv(jnp.ones_like(re), jnp.zeros_like(im), re, im, rcp)
 
     def load(row, chunk):
         entering, prefix = {}, {}
@@ -495,7 +510,7 @@ def _forward_values_kernel(*refs, geo, mode, zconst):
         ratio = {}
         for side in sides:
             pr, pi, qr, qi = _apply(prefix[side], entering[side][:2], entering[side][2:])
-            ratio[side] = _cdiv(pr, pi, qr, qi)
+            ratio[side] = _cdiv(pr, pi, qr, qi, rcp)
         vector = geo.vector
         width = min(_STORE_COLUMNS[mode], vector)
         g_re, g_im = [None] * vector, [None] * vector
