@@ -87,14 +87,16 @@ def loss_fn(params: nnx.State, buffers: nnx.State, graphdef: nnx.GraphDef, batch
         params = _cast_floating(params, compute_dtype)
     model = nnx.merge(graphdef, params, buffers)
     logits, aux = model.forward(batch.inputs, dropout_rng=dropout_rng, compute_dtype=compute_dtype)
-    ce = cross_entropy(logits, batch.targets)
+    with jax.named_scope("cross_entropy"):
+        ce = cross_entropy(logits, batch.targets)
     loss = ce + aux["aux_loss"]
     entropies = [b["routing_entropy"] for b in aux["blocks"]]
     metrics = {"ce_loss": ce, "aux_loss": aux["aux_loss"], "routing_entropy": jnp.mean(jnp.stack(entropies))}
     p1 = model.config.phase1
     if p1 is not None and p1.stability_monitoring_enabled:
         # Computed on device from this step's G and v: no host sync (the loop fetches them with the loss).
-        metrics.update(jax.lax.stop_gradient(stability_summary(aux, model.config.bk_direction)))
+        with jax.named_scope("stability"):
+            metrics.update(jax.lax.stop_gradient(stability_summary(aux, model.config.bk_direction)))
     return loss, metrics
 
 
@@ -124,8 +126,9 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
         (loss, metrics), grads = grad_fn(state.params, state.buffers, graphdef, batch, dropout_rng,
                                          compute_dtype)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
+        with jax.named_scope("optimizer"):
+            updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+            params = optax.apply_updates(state.params, updates)
         new_state = TrainState(step=state.step + 1, params=params,
                                buffers=_advance_scattering_counters(state.buffers, model_cfg),
                                opt_state=opt_state, rng=rng)

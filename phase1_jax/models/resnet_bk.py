@@ -84,8 +84,10 @@ class MoEResNetBKLayer(nnx.Module):
         return feats, v
 
     def __call__(self, x: jax.Array, *, dropout_rng: jax.Array | None = None):
-        feats, v = self.bk_features(x)
-        y_ffn, entropy = self.moe_ffn(x, dropout_rng=dropout_rng)
+        with jax.named_scope("bk_core"):
+            feats, v = self.bk_features(x)
+        with jax.named_scope("moe"):
+            y_ffn, entropy = self.moe_ffn(x, dropout_rng=dropout_rng)
         # |G| <= 1 for z = i, so this clamp never binds; kept for imported checkpoints with other buffers.
         clamped = clamp_like_torch(feats, -FEATURE_CLAMP, FEATURE_CLAMP).astype(x.dtype)
         out = y_ffn + self.bk_scale[...].astype(x.dtype) * self.output_proj(clamped)
@@ -113,8 +115,9 @@ class ResNetBKBlock(nnx.Module):
         if self.ar_ssm is not None:
             # An encoder (bidirectional BK-Core) mixes in both directions; a causal LM only looks back.
             mix = self.ar_ssm.bidirectional if self.bidirectional else self.ar_ssm
-            mixed, ar_aux = mix(self.ar_ssm_norm(h))
-            h = h + mixed.astype(h.dtype)
+            with jax.named_scope("ar_ssm"):
+                mixed, ar_aux = mix(self.ar_ssm_norm(h))
+                h = h + mixed.astype(h.dtype)
             aux.update({f"ar_ssm_{k}": val for k, val in ar_aux.items()})
         out, bk_aux = self.bk_layer(self.layer_norm(h), dropout_rng=dropout_rng)
         aux.update(bk_aux)
@@ -200,8 +203,9 @@ class ResNetBK(nnx.Module):
         self.check_input_shape(ids)
         length = ids.shape[1]
         positions = jnp.arange(length)
-        h = self.token_embedding(ids) + self.position_embedding(positions[None, :])
-        h = h.astype(compute_dtype)
+        with jax.named_scope("embedding"):
+            h = self.token_embedding(ids) + self.position_embedding(positions[None, :])
+            h = h.astype(compute_dtype)
         block_rngs = (jax.random.split(dropout_rng, len(self.blocks)) if dropout_rng is not None
                       else [None] * len(self.blocks))
         per_block = []
@@ -214,12 +218,13 @@ class ResNetBK(nnx.Module):
             else:
                 h, aux = block(h, dropout_rng=rng)
             per_block.append(aux)
-        final = self.layer_norm_final(h)
-        if isinstance(self.lm_head, LNSLinear):
-            logits = self.lm_head(final, inference=inference)
-        else:
-            logits = self.lm_head(final)
-        logits = logits.astype(jnp.float32)
+        with jax.named_scope("lm_head"):
+            final = self.layer_norm_final(h)
+            if isinstance(self.lm_head, LNSLinear):
+                logits = self.lm_head(final, inference=inference)
+            else:
+                logits = self.lm_head(final)
+            logits = logits.astype(jnp.float32)
         aux_loss = sum((a["ar_ssm_gate_l1_loss"] for a in per_block if "ar_ssm_gate_l1_loss" in a),
                        jnp.zeros((), jnp.float32))
         return logits, {"aux_loss": aux_loss, "blocks": per_block}
