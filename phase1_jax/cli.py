@@ -6,6 +6,7 @@
     phase1-jax export-torch CKPT_DIR OUT.pt [--format pt|safetensors]
     phase1-jax convert-to-phase1 CKPT_DIR OUT_DIR [--preset NAME] [--htt-rank R] ...
     phase1-jax convert-from-phase1 CKPT_DIR OUT_DIR [--drop-ar-ssm]
+    phase1-jax bench [--out DIR] [--parts throughput,capped,perplexity] [--smoke]
 """
 
 from __future__ import annotations
@@ -191,6 +192,13 @@ def cmd_convert_from_phase1(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import run
+
+    run(args)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="phase1-jax", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -250,6 +258,12 @@ def build_parser() -> argparse.ArgumentParser:
     from_p1.add_argument("out_dir")
     from_p1.add_argument("--drop-ar-ssm", action="store_true", help="remove AR-SSM layers (reports the change)")
     from_p1.set_defaults(func=cmd_convert_from_phase1)
+
+    from .bench import build_parser as bench_arguments
+
+    bench = sub.add_parser("bench", help="the guide's §6 benchmark: baseline vs Phase 1 presets (JSON, table, plot)")
+    bench_arguments(bench)
+    bench.set_defaults(func=cmd_bench)
     return parser
 
 

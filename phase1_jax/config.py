@@ -176,6 +176,9 @@ class TrainConfig:
     log_every: int = 10
     eval_every: int = 100
     eval_batches: int = 8
+    # Cross-entropy over chunks of this many tokens, each chunk's logits recomputed in the backward pass, so the
+    # (tokens x vocab) float32 logits and their gradient never exist whole; None = the whole batch at once.
+    loss_chunk_tokens: int | None = None
 
     def __post_init__(self):
         _check_types(self, "training.")
@@ -190,6 +193,8 @@ class TrainConfig:
         _require(self.grad_clip_norm > 0, "training.grad_clip_norm", self.grad_clip_norm, "> 0")
         _require(self.compute_dtype in COMPUTE_DTYPES, "training.compute_dtype", self.compute_dtype,
                  " | ".join(COMPUTE_DTYPES))
+        _require(self.loss_chunk_tokens is None or self.loss_chunk_tokens >= 1, "training.loss_chunk_tokens",
+                 self.loss_chunk_tokens, "null (whole batch) or an integer >= 1")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

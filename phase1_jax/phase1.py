@@ -54,6 +54,26 @@ def phase1_components(model: ResNetBK) -> dict[str, Any]:
     }
 
 
+def parameter_breakdown(model: ResNetBK) -> dict[str, int]:
+    """Where the parameters are: token_embedding, position_embedding, lm_head, blocks (with their AR-SSM layers
+    and experts), final_norm, embeddings_and_head (the first three together) and total."""
+    params = nnx.state(model, nnx.Param)
+
+    def count(tree) -> int:
+        return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(tree)))
+
+    top = {name: count(params[name]) if name in params else 0
+           for name in ("token_embedding", "position_embedding", "lm_head", "blocks", "layer_norm_final")}
+    out = {"token_embedding": top["token_embedding"], "position_embedding": top["position_embedding"],
+           "lm_head": top["lm_head"], "blocks": top["blocks"], "final_norm": top["layer_norm_final"]}
+    out["blocks_ar_ssm"] = sum(count(params["blocks"][i][name]) for i, b in enumerate(model.blocks)
+                               if b.ar_ssm is not None for name in ("ar_ssm", "ar_ssm_norm"))
+    out["blocks_experts"] = sum(count(params["blocks"][i]["bk_layer"]["moe_ffn"]) for i in range(len(model.blocks)))
+    out["embeddings_and_head"] = out["token_embedding"] + out["position_embedding"] + out["lm_head"]
+    out["total"] = count(params)
+    return out
+
+
 def stability_summary(aux: dict[str, Any], direction: str, epsilon: float = 1.0) -> dict[str, jax.Array]:
     """Worst-block stability metrics from a forward's aux (jit-able; no host sync).
 
@@ -77,7 +97,7 @@ def collect_phase1_diagnostics(model: ResNetBK, ids: jax.Array | np.ndarray, *,
     table), peak device memory where the backend reports it, and a stability summary with warnings."""
     ids = jnp.asarray(ids, jnp.int32)
     logits, aux = nnx.jit(lambda m, x: m.forward(x))(model, ids)
-    out: dict[str, Any] = {"components": phase1_components(model)}
+    out: dict[str, Any] = {"components": phase1_components(model), "parameters": parameter_breakdown(model)}
     ranks = [float(b["ar_ssm_effective_rank"]) for b in aux["blocks"] if "ar_ssm_effective_rank" in b]
     sparsity = [float(b["ar_ssm_gate_sparsity"]) for b in aux["blocks"] if "ar_ssm_gate_sparsity" in b]
     out["ar_ssm_effective_rank"] = float(np.mean(ranks)) if ranks else None

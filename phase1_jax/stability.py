@@ -31,6 +31,7 @@ the reference's unnormalised θ recurrence. log_det_per_token compares with the 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 import numbers
@@ -42,6 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .errors import InvalidConfigError
+from .kernels.bk_scan import bk_features
 
 logger = logging.getLogger(__name__)
 
@@ -60,21 +62,33 @@ def causal_resolvent_diagonal(v: jax.Array, *, z: complex = BK_Z, h0_diag: float
                               off_diag: float = BK_OFF_DIAG) -> jax.Array:
     """g_t = [(H_{0:t+1} − zI)^{-1}]_{tt} for H = tridiag(off_diag, h0_diag + v, off_diag), along the last axis.
 
-    Computed by the continued fraction g_t = 1 / (d_t − off_diag²·g_{t−1}), g_{−1} = 0, d_t = h0_diag + v_t − z.
-    v is real with time on the last axis; the result is complex64 (complex128 for float64 v).
+    The continued fraction g_t = 1 / (d_t − off_diag²·g_{t−1}) of BK-Core's native causal mode, computed by the same
+    op (`kernels.bk_scan.bk_features`, so the GPU kernels on a GPU and a parallel scan elsewhere: nothing sequential
+    runs per training step). v is real with time on the last axis; the result is complex64.
     """
-    v = jnp.asarray(v)
-    cdtype = jnp.complex128 if v.dtype == jnp.float64 else jnp.complex64
-    d = (h0_diag + v).astype(cdtype) - jnp.asarray(z, cdtype)
-    off2 = jnp.asarray(off_diag * off_diag, cdtype)
+    v = jnp.asarray(v, jnp.float32)
+    rows = v.reshape(-1, v.shape[-1])
+    couplings = None
+    if off_diag != 1.0:
+        couplings = jnp.full((rows.shape[-1] - 1,), off_diag, jnp.float32)
+    feats = bk_features(h0_diag + rows, couplings, couplings, z, numerics="native", direction="causal")
+    return jax.lax.complex(feats[..., 0], feats[..., 1]).reshape(v.shape)
 
-    def step(g_prev, d_t):
-        g_t = 1.0 / (d_t - off2 * g_prev)
-        return g_t, g_t
 
-    d_time_major = jnp.moveaxis(d, -1, 0)
-    _, g = jax.lax.scan(step, jnp.zeros(d.shape[:-1], cdtype), d_time_major)
-    return jnp.moveaxis(g, 0, -1)
+@functools.lru_cache(maxsize=64)
+def free_log_det(length: int, *, z: complex = BK_Z, h0_diag: float = BK_H0_DIAG,
+                 off_diag: float = BK_OFF_DIAG) -> float:
+    """log|det(H₀ − zI)| of the free operator (v = 0) of size `length`: −Σ_t log|g_t|, in float64 on the host.
+
+    A constant of the sequence length: computed once per length (outside any jitted step) and folded in.
+    """
+    d = complex(h0_diag) - complex(z)
+    off2 = float(off_diag) ** 2
+    g, total = 0j, 0.0
+    for _ in range(int(length)):
+        g = 1.0 / (d - off2 * g)
+        total -= math.log(abs(g))
+    return total
 
 
 def stability_metrics(G: jax.Array, v: jax.Array, epsilon: float | jax.Array, g_causal: jax.Array | None = None,
@@ -129,10 +143,9 @@ def stability_metrics(G: jax.Array, v: jax.Array, epsilon: float | jax.Array, g_
     if g_causal is None:
         g_causal = causal_resolvent_diagonal(v, z=z, h0_diag=h0_diag, off_diag=off_diag)
     g_causal = jnp.asarray(g_causal)
-    # H₀ depends only on N: one short scan, shared by the batch.
-    g_free = causal_resolvent_diagonal(jnp.zeros((length,), v.dtype), z=z, h0_diag=h0_diag, off_diag=off_diag)
     log_det = -jnp.sum(jnp.log(jnp.abs(g_causal)), axis=-1)
-    log_det_free = -jnp.sum(jnp.log(jnp.abs(g_free)))
+    # H₀ depends only on N: a host constant, so the step computes nothing sequential for it.
+    log_det_free = free_log_det(length, z=z, h0_diag=h0_diag, off_diag=off_diag)
     log_det_per_token = jnp.mean(log_det - log_det_free) / length
 
     all_finite = (jnp.all(jnp.isfinite(G)) & jnp.all(jnp.isfinite(v)) & jnp.all(jnp.isfinite(g_causal)))

@@ -80,15 +80,48 @@ def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
     return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets).mean()
 
 
+def chunked_cross_entropy(head: Callable[[jax.Array], jax.Array], hidden: jax.Array, targets: jax.Array,
+                          chunk_tokens: int) -> jax.Array:
+    """Mean next-token cross-entropy of head(hidden) without ever holding all the logits.
+
+    The tokens are cut into chunks of `chunk_tokens` (the last one padded and masked); each chunk's logits are
+    computed, reduced to a loss and dropped, and recomputed in the backward pass (`jax.checkpoint`), so memory
+    holds one chunk's (chunk x vocab) logits instead of the batch's. Equal to `cross_entropy(head(hidden))` up to
+    the order of the final sum.
+    """
+    d = hidden.shape[-1]
+    flat_h = hidden.reshape(-1, d)
+    flat_t = targets.reshape(-1)
+    total = flat_t.shape[0]
+    chunks = -(-total // chunk_tokens)
+    pad = chunks * chunk_tokens - total
+    weights = jnp.pad(jnp.ones((total,), jnp.float32), (0, pad))
+    flat_h = jnp.pad(flat_h, ((0, pad), (0, 0))).reshape(chunks, chunk_tokens, d)
+    flat_t = jnp.pad(flat_t, (0, pad)).reshape(chunks, chunk_tokens)
+
+    @jax.checkpoint
+    def chunk_loss(h, t, w):
+        losses = optax.softmax_cross_entropy_with_integer_labels(head(h).astype(jnp.float32), t)
+        return jnp.sum(losses * w)
+
+    with jax.named_scope("cross_entropy"):
+        sums = jax.lax.map(lambda xs: chunk_loss(*xs), (flat_h, flat_t, weights.reshape(chunks, chunk_tokens)))
+        return jnp.sum(sums) / total
+
+
 def loss_fn(params: nnx.State, buffers: nnx.State, graphdef: nnx.GraphDef, batch: Batch,
-            dropout_rng: jax.Array | None, compute_dtype=jnp.float32):
+            dropout_rng: jax.Array | None, compute_dtype=jnp.float32, loss_chunk_tokens: int | None = None):
     """Next-token cross-entropy plus every auxiliary loss the modules return. Returns (loss, metrics)."""
     if compute_dtype != jnp.float32:
         params = _cast_floating(params, compute_dtype)
     model = nnx.merge(graphdef, params, buffers)
-    logits, aux = model.forward(batch.inputs, dropout_rng=dropout_rng, compute_dtype=compute_dtype)
-    with jax.named_scope("cross_entropy"):
-        ce = cross_entropy(logits, batch.targets)
+    if loss_chunk_tokens is None:
+        logits, aux = model.forward(batch.inputs, dropout_rng=dropout_rng, compute_dtype=compute_dtype)
+        with jax.named_scope("cross_entropy"):
+            ce = cross_entropy(logits, batch.targets)
+    else:
+        final, aux = model.hidden_states(batch.inputs, dropout_rng=dropout_rng, compute_dtype=compute_dtype)
+        ce = chunked_cross_entropy(model.logits_from_hidden, final, batch.targets, loss_chunk_tokens)
     loss = ce + aux["aux_loss"]
     entropies = [b["routing_entropy"] for b in aux["blocks"]]
     metrics = {"ce_loss": ce, "aux_loss": aux["aux_loss"], "routing_entropy": jnp.mean(jnp.stack(entropies))}
@@ -125,7 +158,7 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
         rng, dropout_rng = jax.random.split(state.rng)
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
         (loss, metrics), grads = grad_fn(state.params, state.buffers, graphdef, batch, dropout_rng,
-                                         compute_dtype)
+                                         compute_dtype, train_cfg.loss_chunk_tokens)
         with jax.named_scope("optimizer"):
             updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
             params = optax.apply_updates(state.params, updates)

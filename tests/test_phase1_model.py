@@ -143,3 +143,64 @@ def test_collect_phase1_diagnostics():
     assert diag["htt_reconstruction_error"] < 1e-6
     assert diag["stability"]["is_stable"] and diag["stability"]["warnings"] == []
     assert diag["logits_finite"]
+
+
+# ------------------------------------------------------------------ compressed head and low-rank experts
+
+
+def test_tied_htt_head_equals_the_dense_expanded_head():
+    model = create_phase1_model(phase1=P1.replace(lm_head="htt_tied"), **SMALL)
+    assert "lm_head" in nnx.state(model, nnx.Param) and not hasattr(model.lm_head, "kernel")
+    model.lm_head.bias[...] = jnp.linspace(-1.0, 1.0, SMALL["vocab_size"])
+    ids = jax.random.randint(jax.random.key(2), (2, SMALL["n_seq"]), 0, SMALL["vocab_size"])
+    final, _ = model.hidden_states(ids)
+    logits = model.logits_from_hidden(final)
+    table = np.asarray(model.token_embedding.to_dense(), np.float64)
+    dense = np.asarray(final, np.float64) @ table.T + np.asarray(model.lm_head.bias[...], np.float64)
+    assert logits.shape == (2, SMALL["n_seq"], SMALL["vocab_size"])
+    np.testing.assert_allclose(np.asarray(logits), dense, rtol=1e-5, atol=1e-5 * np.abs(dense).max())
+
+
+def test_tied_head_needs_htt_and_excludes_lns():
+    with pytest.raises(ValueError, match="lm_head"):
+        Phase1Config(lm_head="htt_tied", htt_enabled=False)
+    with pytest.raises(ValueError, match="lm_head"):
+        Phase1Config(lm_head="htt_tied", lns_enabled=True)
+    with pytest.raises(ValueError, match="lm_head"):
+        Phase1Config(lm_head="tied")
+
+
+def test_low_rank_experts_compute_with_their_dense_product_and_cut_parameters():
+    from phase1_jax.phase1 import parameter_breakdown
+
+    dense_model = create_phase1_model(phase1=P1, **SMALL)
+    low = create_phase1_model(phase1=P1.replace(expert_rank_ratio=0.25), **SMALL)
+    moe = low.blocks[0].bk_layer.moe_ffn
+    d, e = SMALL["d_model"], SMALL["num_experts"]
+    assert moe.expert_rank == 4 and moe.w1_a[...].shape == (e, d, 4) and moe.w2_b[...].shape == (e, 4, d)
+    # The low-rank forward equals the same MoE with its factors multiplied out into dense experts.
+    x = jax.random.normal(jax.random.key(0), (2, 5, d))
+    dense_moe = dense_model.blocks[0].bk_layer.moe_ffn
+    for name, value in moe.dense_expert_weights().items():
+        getattr(dense_moe, name)[...] = value
+    for name in ("b1", "b2"):
+        getattr(dense_moe, name)[...] = getattr(moe, name)[...]
+    dense_moe.gating_network.kernel[...] = moe.gating_network.kernel[...]
+    dense_moe.gating_network.bias[...] = moe.gating_network.bias[...]
+    np.testing.assert_allclose(moe(x)[0], dense_moe(x)[0], rtol=1e-5, atol=1e-6)
+    counts_low, counts_dense = parameter_breakdown(low), parameter_breakdown(dense_model)
+    assert counts_dense["blocks_experts"] - counts_low["blocks_experts"] == SMALL["n_layers"] * e * (4 * d * d - 6 * d * 4)
+    assert counts_low["total"] == sum(x.size for x in jax.tree_util.tree_leaves(nnx.state(low, nnx.Param)))
+    with pytest.raises(ValueError, match="expert_rank_ratio"):
+        Phase1Config(expert_rank_ratio=1.5)
+
+
+def test_parameter_breakdown_places_every_parameter():
+    from phase1_jax.phase1 import parameter_breakdown
+
+    model = create_phase1_model(phase1=P1.replace(lm_head="htt_tied", expert_rank_ratio=0.5), **SMALL)
+    counts = parameter_breakdown(model)
+    parts = ("token_embedding", "position_embedding", "lm_head", "blocks", "final_norm")
+    assert sum(counts[p] for p in parts) == counts["total"]
+    assert counts["lm_head"] == SMALL["vocab_size"]  # the tied head's bias only
+    assert counts["embeddings_and_head"] == counts["token_embedding"] + counts["position_embedding"] + counts["lm_head"]

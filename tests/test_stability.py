@@ -200,3 +200,34 @@ def test_threshold_and_mode_validation():
         t.det_threshold = 1.0  # frozen
     assert (t.det_threshold, t.schatten_s1_bound, t.schatten_s2_bound, t.min_eigenvalue_threshold,
             t.gradient_norm_threshold, t.condition_number_threshold) == (1e-6, 100.0, 50.0, 1e-8, 10.0, 1e6)
+
+
+@pytest.mark.parametrize("direction", ["causal", "bidirectional"])
+def test_in_step_stability_metrics_equal_the_diagnostics_on_the_same_batch(direction):
+    from phase1_jax.config import TrainConfig
+    from phase1_jax.data import Batch
+    from phase1_jax.phase1 import collect_phase1_diagnostics, create_phase1_model
+    from phase1_jax.phase1_config import Phase1Config
+    from phase1_jax.train import create_train_state, make_train_step
+
+    model = create_phase1_model(vocab_size=50, d_model=16, n_layers=2, n_seq=24, num_experts=2, dropout=0.0,
+                                bk_direction=direction, phase1=Phase1Config(ar_ssm_max_rank=4, htt_rank=4))
+    ids = jax.random.randint(jax.random.key(1), (3, 25), 0, 50)
+    batch = Batch(inputs=ids[:, :-1], targets=ids[:, 1:])
+    diagnostics = collect_phase1_diagnostics(model, batch.inputs)["stability"]
+    cfg = TrainConfig(batch_size=3, steps=2, warmup_steps=0)
+    graphdef, state, optimizer = create_train_state(model, cfg)
+    _, metrics = make_train_step(graphdef, optimizer, model.config, cfg)(state, batch)
+    in_step = {k.split("/", 1)[1]: float(v) for k, v in metrics.items() if k.startswith("stability/")}
+    assert set(in_step) == {"log_det_per_token", "g_abs_max", "g_abs_min", "fraction_zero_rows",
+                            "schatten_s1_per_token", "schatten_s2_per_token"}
+    for key, value in in_step.items():
+        assert value == pytest.approx(diagnostics[f"stability/{key}"], rel=1e-5, abs=1e-7), key
+
+
+def test_free_log_det_is_a_host_constant_equal_to_the_dense_determinant():
+    from phase1_jax.stability import free_log_det
+
+    n = 30
+    dense = np.diag(np.full(n, -2.0 - 1j)) + np.diag(np.ones(n - 1), 1) + np.diag(np.ones(n - 1), -1)
+    assert free_log_det(n) == pytest.approx(np.linalg.slogdet(dense)[1], rel=1e-12)

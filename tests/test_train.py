@@ -88,3 +88,24 @@ def test_gradient_clipping_is_applied_before_adamw():
 def test_rank_curriculum_matches_reference_sequence():
     # REFERENCE_SPEC §2.9: (4, 32) with warmup 10 over successive steps.
     assert [rank_for_step(s, 4, 32, 10) for s in range(12)] == [4, 6, 9, 12, 15, 18, 20, 23, 26, 29, 32, 32]
+
+
+@pytest.mark.parametrize("head", ["dense", "htt_tied"])
+def test_chunked_loss_equals_the_whole_batch_loss_and_its_gradients(head):
+    from phase1_jax.phase1_config import Phase1Config
+
+    p1 = None if head == "dense" else Phase1Config(lm_head="htt_tied", ar_ssm_max_rank=4, htt_rank=4)
+    model_cfg = MODEL.replace(phase1=p1, vocab_size=40)
+    batch = _batch(length=16, vocab=40)
+    results = []
+    for chunk in (None, 7):  # 4 x 16 = 64 tokens: 9 chunks, the last one padded
+        cfg = TrainConfig(batch_size=4, steps=3, warmup_steps=0, loss_chunk_tokens=chunk)
+        state, history = _run(model_cfg, cfg, 3, batch)
+        results.append((history, jax.tree_util.tree_leaves(state.params)))
+    (h_whole, p_whole), (h_chunked, p_chunked) = results
+    for a, b in zip(h_whole, h_chunked):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-6) and a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)
+    for a, b in zip(p_whole, p_chunked):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="loss_chunk_tokens"):
+        TrainConfig(loss_chunk_tokens=0)

@@ -156,12 +156,21 @@ class AdaptiveRankSemiseparableLayer(nnx.Module):
         if x.ndim != 3 or x.shape[-1] != self.d_model:
             raise ValueError(f"expected x of shape (B, L, {self.d_model}), got {x.shape}")
         t_out = self.T_conv(x)
-        hidden = jax.nn.relu(self.complexity_gate_in(x))
+        # The three projections of x (gate MLP input, U, V) as one matmul: x is read once and one GEMM replaces
+        # three narrow ones (R = 16..64 columns each), in the backward pass too. The parameters stay separate.
+        gate_in = self.complexity_gate_in
+        dtype = jnp.result_type(x, gate_in.kernel[...])
+        fused = jnp.concatenate([gate_in.kernel[...], self.U_proj.kernel[...], self.V_proj.kernel[...]], axis=1)
+        projected = jnp.matmul(x.astype(dtype), fused.astype(dtype), precision=gate_in.precision)
+        hidden_dim = self.gate_hidden_dim
+        xu = projected[..., hidden_dim:hidden_dim + self.max_rank]
+        xv = projected[..., hidden_dim + self.max_rank:]
+        hidden = jax.nn.relu(projected[..., :hidden_dim] + gate_in.bias[...].astype(dtype))
         gates = jax.nn.sigmoid(self.complexity_gate_out(hidden))
         # Mask from the traced rank: one compiled program serves every curriculum stage.
         keep = jnp.arange(self.max_rank) < self.current_max_rank[...]
         gates = jnp.where(keep, gates, jnp.zeros((), gates.dtype))
-        return t_out, gates, self.U_proj(x), self.V_proj(x)
+        return t_out, gates, xu, xv
 
     def _aux(self, gates: jax.Array, return_gates: bool) -> dict[str, jax.Array]:
         g32 = gates.astype(jnp.float32)

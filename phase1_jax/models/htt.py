@@ -70,15 +70,30 @@ def _phased_core1(core1: jax.Array, phase: jax.Array | None) -> jax.Array:
     return c1 if phase is None else c1 * jnp.cos(phase)[:, None]
 
 
+def _select_rows(table: jax.Array, index: jax.Array) -> jax.Array:
+    """table[index] for a small table, as a one-hot matmul.
+
+    The cores have a few hundred rows (v1, v2 ≈ √V), so a gather's gradient, a scatter-add of every token into
+    those few rows, serialises on atomics (4x slower than the dense table's gather at V = 50k on an H200, bf16,
+    docs/perf/PHASE1.md); the one-hot product's gradient is a plain matmul. Exact: each output is one row times
+    1.0 plus zeros. An index outside the table gives a zero row (the caller masks those tokens).
+    """
+    one_hot = jax.nn.one_hot(index, table.shape[0], dtype=table.dtype)
+    return jnp.matmul(one_hot, table.reshape(table.shape[0], -1), precision=_HIGHEST).reshape(
+        *index.shape, *table.shape[1:])
+
+
 @functools.partial(jax.jit, static_argnums=(4,))
 def _lookup(core1, core2, phase, ids, dims):
     V, D, v1, v2, d1, d2 = dims
     i1 = ids // v2  # floor division and sign-of-divisor modulo, like the reference
     i2 = ids % v2
-    # mode="clip" only keeps the gather in bounds; rows of invalid ids are replaced by NaN below.
-    c1 = jnp.take(_phased_core1(core1, phase), i1, axis=0, mode="clip")  # (..., r, d1)
-    c2 = jnp.take(core2[:, :, 0], i2, axis=0, mode="clip")  # (..., r, d2)
-    out = jnp.einsum("...rj,...rk->...jk", c1, c2, precision=_HIGHEST)
+    c1 = _select_rows(_phased_core1(core1, phase), i1)  # (..., r, d1)
+    c2 = _select_rows(core2[:, :, 0], i2)  # (..., r, d2)
+    # Σ_r c1[r, j] c2[r, k]: an elementwise product reduced over the rank, which XLA fuses into one pass, where a
+    # batch of T tiny (d1 x r)(r x d2) matmuls would be one small GEMM per token.
+    f32 = jnp.float32
+    out = jnp.sum(c1[..., :, :, None].astype(f32) * c2[..., :, None, :].astype(f32), axis=-3).astype(c1.dtype)
     out = out.reshape(*ids.shape, d1 * d2)[..., :D]
     valid = (ids >= 0) & (ids < V)
     return jnp.where(valid[..., None], out, jnp.asarray(jnp.nan, out.dtype))

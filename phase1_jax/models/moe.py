@@ -18,6 +18,14 @@ glorot_uniform = jax.nn.initializers.glorot_uniform()
 zeros = jax.nn.initializers.zeros
 
 
+def _low_rank_pair(rngs: nnx.Rngs, experts: int, m: int, n: int, k: int) -> tuple[nnx.Param, nnx.Param]:
+    a = jax.nn.initializers.glorot_uniform(in_axis=-2, out_axis=-1, batch_axis=(0,))(rngs.params(), (experts, m, k))
+    # Var(A @ B) = k Var(A) Var(B); Glorot variances: A 2/(m+k), dense W 2/(m+n).
+    b_std = ((m + k) / (k * (m + n))) ** 0.5
+    b = jax.nn.initializers.normal(b_std)(rngs.params(), (experts, k, n))
+    return nnx.Param(a), nnx.Param(b)
+
+
 class SparseMoE(nnx.Module):
     """Top-k softmax routing over `num_experts` two-layer ReLU experts (dense routing when top_k >= E).
 
@@ -27,7 +35,8 @@ class SparseMoE(nnx.Module):
     """
 
     def __init__(self, d_model: int, num_experts: int, top_k: int, dropout: float, *, scattering_scale: float,
-                 scattering_scale_warmup_steps: int, use_scattering: bool, rngs: nnx.Rngs):
+                 scattering_scale_warmup_steps: int, use_scattering: bool, rngs: nnx.Rngs,
+                 expert_rank: int | None = None):
         hidden = 2 * d_model
         self.num_experts = num_experts
         self.top_k = top_k
@@ -38,9 +47,16 @@ class SparseMoE(nnx.Module):
         # Experts are stacked along a leading axis; glorot over the last two axes matches torch's per-expert
         # xavier_uniform_ on each (out, in) weight.
         init = jax.nn.initializers.glorot_uniform(in_axis=-2, out_axis=-1, batch_axis=(0,))
-        self.w1 = nnx.Param(init(rngs.params(), (num_experts, d_model, hidden)))
+        self.expert_rank = expert_rank
+        if expert_rank is None:
+            self.w1 = nnx.Param(init(rngs.params(), (num_experts, d_model, hidden)))
+            self.w2 = nnx.Param(init(rngs.params(), (num_experts, hidden, d_model)))
+        else:
+            # Each expert matrix W (m x n) is A (m x k) @ B (k x n). A is Glorot; B is scaled so that A @ B has the
+            # variance of a Glorot (m x n) matrix, so a low-rank expert starts where a dense one would.
+            self.w1_a, self.w1_b = _low_rank_pair(rngs, num_experts, d_model, hidden, expert_rank)
+            self.w2_a, self.w2_b = _low_rank_pair(rngs, num_experts, hidden, d_model, expert_rank)
         self.b1 = nnx.Param(jnp.zeros((num_experts, hidden)))
-        self.w2 = nnx.Param(init(rngs.params(), (num_experts, hidden, d_model)))
         self.b2 = nnx.Param(jnp.zeros((num_experts, d_model)))
         self.gating_network = nnx.Linear(d_model, num_experts, kernel_init=glorot_uniform, bias_init=zeros,
                                          rngs=rngs)
@@ -68,14 +84,30 @@ class SparseMoE(nnx.Module):
         entropy = jnp.mean(-jnp.sum(probs * jnp.log(jnp.maximum(probs, 1e-8)), axis=-1))
         return weights, entropy
 
+    def _expert_matmul(self, x: jax.Array, name: str, spec: str) -> jax.Array:
+        """x times every expert's matrix `name` (w1 or w2), dense or through its low-rank factors."""
+        if self.expert_rank is None:
+            return jnp.einsum(spec, x, getattr(self, name)[...])
+        a, b = getattr(self, f"{name}_a")[...], getattr(self, f"{name}_b")[...]
+        if x.ndim == 2:  # (T, m): every expert sees the same tokens
+            return jnp.einsum("ekn,tek->ten", b, jnp.einsum("tm,emk->tek", x, a))
+        return jnp.einsum("ekn,tek->ten", b, jnp.einsum("tem,emk->tek", x, a))
+
+    def dense_expert_weights(self) -> dict[str, jax.Array]:
+        """{"w1", "w2"} as dense (E, m, n) arrays (products of the factors for low-rank experts)."""
+        if self.expert_rank is None:
+            return {"w1": self.w1[...], "w2": self.w2[...]}
+        return {name: jnp.einsum("emk,ekn->emn", getattr(self, f"{name}_a")[...], getattr(self, f"{name}_b")[...],
+                                 precision=jax.lax.Precision.HIGHEST) for name in ("w1", "w2")}
+
     def __call__(self, x: jax.Array, *, dropout_rng: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
         batch, length, d_model = x.shape
         x_flat = x.reshape(batch * length, d_model)
         weights, entropy = self.routing_weights(x_flat)
-        hidden = jax.nn.relu(jnp.einsum("td,edh->teh", x_flat, self.w1[...]) + self.b1[...])
+        hidden = jax.nn.relu(self._expert_matmul(x_flat, "w1", "td,edh->teh") + self.b1[...])
         if dropout_rng is not None and self.dropout > 0:
             keep = jax.random.bernoulli(dropout_rng, 1.0 - self.dropout, hidden.shape)
             hidden = jnp.where(keep, hidden / (1.0 - self.dropout), 0.0).astype(hidden.dtype)
-        expert_out = jnp.einsum("teh,ehd->ted", hidden, self.w2[...]) + self.b2[...]
+        expert_out = self._expert_matmul(hidden, "w2", "teh,ehd->ted") + self.b2[...]
         y = jnp.einsum("te,ted->td", weights.astype(expert_out.dtype), expert_out)
         return y.reshape(batch, length, d_model), entropy

@@ -52,6 +52,23 @@ def primes_below(n: int) -> list[int]:
     return [int(p) for p in np.flatnonzero(sieve[:n])]
 
 
+def expert_rank(config: ModelConfig) -> int | None:
+    """The rank of low-rank experts (Phase 1 `expert_rank_ratio` times d_model), or None for dense experts."""
+    ratio = config.phase1.expert_rank_ratio if config.phase1 is not None else None
+    return None if ratio is None else max(1, round(ratio * config.d_model))
+
+
+class TiedHTTHead(nnx.Module):
+    """LM head tied to the HTT token embedding: logits = h · Eᵀ + bias, contracted with the TT cores, so no V x D
+    matrix is formed or stored (`HolographicTTEmbedding.logits_from_cores`). Its only parameter is the bias."""
+
+    def __init__(self, vocab_size: int):
+        self.bias = nnx.Param(jnp.zeros((vocab_size,), jnp.float32))
+
+    def __call__(self, h: jax.Array, embedding: HolographicTTEmbedding) -> jax.Array:
+        return embedding.logits_from_cores(h) + self.bias[...].astype(h.dtype)
+
+
 class MoEResNetBKLayer(nnx.Module):
     """MoE FFN plus the BK-Core spectral branch: out = MoE(x) + bk_scale * output_proj(clip(G features))."""
 
@@ -68,7 +85,8 @@ class MoEResNetBKLayer(nnx.Module):
         self.moe_ffn = SparseMoE(d, config.num_experts, config.top_k, config.dropout,
                                  scattering_scale=config.scattering_scale,
                                  scattering_scale_warmup_steps=config.scattering_scale_warmup_steps,
-                                 use_scattering=config.numerics == "reference", rngs=rngs)
+                                 use_scattering=config.numerics == "reference", rngs=rngs,
+                                 expert_rank=expert_rank(config))
         self.v_proj = nnx.Linear(d, 1, kernel_init=glorot_uniform, bias_init=zeros, rngs=rngs)
         self.output_proj = nnx.Linear(2, d, kernel_init=glorot_uniform, bias_init=zeros, rngs=rngs)
 
@@ -157,7 +175,10 @@ class ResNetBK(nnx.Module):
         self.blocks = nnx.List([ResNetBKBlock(config, with_ar_ssm=i in ar_layers, rngs=rngs)
                                 for i in range(config.n_layers)])
         self.layer_norm_final = nnx.LayerNorm(d, epsilon=1e-5, use_fast_variance=False, rngs=rngs)
-        self.lm_head = nnx.Linear(d, config.vocab_size, kernel_init=glorot_uniform, bias_init=zeros, rngs=rngs)
+        if p1 is not None and p1.lm_head == "htt_tied":
+            self.lm_head = TiedHTTHead(config.vocab_size)
+        else:
+            self.lm_head = nnx.Linear(d, config.vocab_size, kernel_init=glorot_uniform, bias_init=zeros, rngs=rngs)
         if p1 is not None and p1.lns_enabled:
             # LNS replaces the largest dense layer, the LM head; same kernel/bias layout, so checkpoints match.
             self.lm_head = LNSLinear.from_linear(self.lm_head, algorithm=p1.lns_algorithm)
@@ -197,9 +218,9 @@ class ResNetBK(nnx.Module):
         if not 1 <= length <= cfg.n_seq:
             raise InputValidationError(f"sequence length must be between 1 and n_seq = {cfg.n_seq}; got {length}")
 
-    def forward(self, ids: jax.Array, *, dropout_rng: jax.Array | None = None, compute_dtype: Any = jnp.float32,
-                inference: bool = False) -> tuple[jax.Array, dict[str, Any]]:
-        """inference=True selects inference-only paths (LNS matmuls when enabled); training never sets it."""
+    def hidden_states(self, ids: jax.Array, *, dropout_rng: jax.Array | None = None,
+                      compute_dtype: Any = jnp.float32) -> tuple[jax.Array, dict[str, Any]]:
+        """The final LayerNorm's output (B, L, D) in compute_dtype, and the aux dict of `forward`."""
         self.check_input_shape(ids)
         length = ids.shape[1]
         positions = jnp.arange(length)
@@ -218,16 +239,28 @@ class ResNetBK(nnx.Module):
             else:
                 h, aux = block(h, dropout_rng=rng)
             per_block.append(aux)
-        with jax.named_scope("lm_head"):
+        with jax.named_scope("final_norm"):
             final = self.layer_norm_final(h)
-            if isinstance(self.lm_head, LNSLinear):
-                logits = self.lm_head(final, inference=inference)
-            else:
-                logits = self.lm_head(final)
-            logits = logits.astype(jnp.float32)
         aux_loss = sum((a["ar_ssm_gate_l1_loss"] for a in per_block if "ar_ssm_gate_l1_loss" in a),
                        jnp.zeros((), jnp.float32))
-        return logits, {"aux_loss": aux_loss, "blocks": per_block}
+        return final, {"aux_loss": aux_loss, "blocks": per_block}
+
+    def logits_from_hidden(self, final: jax.Array, *, inference: bool = False) -> jax.Array:
+        """LM head: float32 logits (..., V) from `hidden_states` output."""
+        with jax.named_scope("lm_head"):
+            if isinstance(self.lm_head, LNSLinear):
+                logits = self.lm_head(final, inference=inference)
+            elif isinstance(self.lm_head, TiedHTTHead):
+                logits = self.lm_head(final, self.token_embedding)
+            else:
+                logits = self.lm_head(final)
+            return logits.astype(jnp.float32)
+
+    def forward(self, ids: jax.Array, *, dropout_rng: jax.Array | None = None, compute_dtype: Any = jnp.float32,
+                inference: bool = False) -> tuple[jax.Array, dict[str, Any]]:
+        """inference=True selects inference-only paths (LNS matmuls when enabled); training never sets it."""
+        final, aux = self.hidden_states(ids, dropout_rng=dropout_rng, compute_dtype=compute_dtype)
+        return self.logits_from_hidden(final, inference=inference), aux
 
     def __call__(self, ids: jax.Array, *, inference: bool = False) -> jax.Array:
         return self.forward(ids, inference=inference)[0]
