@@ -3,8 +3,9 @@
 A checkpoint directory holds
 
     config.yaml   the resolved run configuration (model, training, data), validated again on load
-    meta.json     format version, training step, library version
+    meta.json     format version, training step, library version (and what the writer adds: the tokenizer, ...)
     state/        Orbax PyTree checkpoint of {"params": ..., "buffers": ...} as plain nested dicts
+    tokenizer.json  the BPE tokenizer of a run trained with one (absent: byte-level); see load_run_tokenizer
 
 It is written into a temporary sibling directory and renamed into place only when complete, so a failure or
 an interrupted save never leaves a half-written checkpoint under the final name. Restoring goes against an
@@ -26,9 +27,10 @@ from flax import nnx
 
 from . import __version__
 from .config import RunConfig
-from .errors import CheckpointError
+from .errors import CheckpointError, InputValidationError
 from .models.common import split_model
 from .models.resnet_bk import ResNetBK
+from .tokenizer import TOKENIZER_FILE, BPETokenizer, ByteTokenizer
 
 FORMAT_VERSION = 1
 CONFIG_FILE = "config.yaml"
@@ -48,11 +50,21 @@ def _write_text_atomic(path: Path, text: str) -> None:
 
 
 def save_checkpoint(directory: str | os.PathLike, config: RunConfig, params: nnx.State, buffers: nnx.State, *,
-                    step: int = 0, extra_meta: dict[str, Any] | None = None, overwrite: bool = False) -> Path:
-    """Saves parameters and buffers with their config. Atomic: the directory appears complete or not at all."""
+                    step: int = 0, extra_meta: dict[str, Any] | None = None,
+                    extra_files: dict[str, bytes] | None = None, overwrite: bool = False) -> Path:
+    """Saves parameters and buffers with their config. Atomic: the directory appears complete or not at all.
+
+    `extra_files` maps plain file names to contents (e.g. {"tokenizer.json": ...}); they are written into
+    the checkpoint before it is renamed into place, so they are part of the same atomic write.
+    """
     final = Path(directory).absolute()
     if final.exists() and not overwrite:
         raise CheckpointError(f"checkpoint directory {final} already exists (pass overwrite=True to replace it)")
+    extra_files = dict(extra_files or {})
+    for name in extra_files:
+        if name in (CONFIG_FILE, META_FILE, STATE_DIR) or Path(name).name != name or name in ("", ".", ".."):
+            raise CheckpointError(f"extra checkpoint file name {name!r} is not allowed: a plain file name other "
+                                  f"than {CONFIG_FILE}, {META_FILE} and {STATE_DIR}")
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.partial-"))
@@ -67,6 +79,8 @@ def save_checkpoint(directory: str | os.PathLike, config: RunConfig, params: nnx
         meta = {"format_version": FORMAT_VERSION, "step": int(step), "phase1_jax_version": __version__}
         meta.update(extra_meta or {})
         (staging / META_FILE).write_text(json.dumps(meta, indent=2), encoding="utf-8")
+        for name, data in extra_files.items():
+            (staging / name).write_bytes(data)
         if final.exists():
             trash = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.old-"))
             os.replace(final, trash / "old")
@@ -117,3 +131,32 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[RunConfig, ResNetBK]:
     nnx.replace_by_pure_dict(params, restored["params"])
     nnx.replace_by_pure_dict(buffers, restored["buffers"])
     return config, nnx.merge(graphdef, params, buffers)
+
+
+def load_run_tokenizer(path: str | os.PathLike) -> ByteTokenizer | BPETokenizer:
+    """Returns the tokenizer of a run or checkpoint directory: what every command that reads text uses.
+
+    A checkpoint with `tokenizer.json` gets that BPE tokenizer, checked against the fingerprint recorded in
+    meta.json and against the model's vocabulary size; one without it (byte-level runs, imported PyTorch
+    checkpoints, checkpoints older than tokenizers) gets the byte tokenizer.
+    """
+    ckpt = resolve_checkpoint_dir(path)
+    record = read_meta(ckpt).get("tokenizer") or {}
+    file = ckpt / TOKENIZER_FILE
+    if not file.exists():
+        if record.get("kind", ByteTokenizer.kind) != ByteTokenizer.kind:
+            raise CheckpointError(f"{ckpt}: meta.json records a {record['kind']!r} tokenizer but {TOKENIZER_FILE} "
+                                  f"is missing")
+        return ByteTokenizer()
+    try:
+        tokenizer = BPETokenizer.load(file)
+    except InputValidationError as err:
+        raise CheckpointError(f"{ckpt}: {err}") from None
+    if record.get("sha256", tokenizer.sha256) != tokenizer.sha256:
+        raise CheckpointError(f"{file} does not match the sha256 recorded in meta.json ({record['sha256']}); "
+                              f"it was changed after the checkpoint was written")
+    vocab_size = RunConfig.from_yaml((ckpt / CONFIG_FILE).read_text(encoding="utf-8")).model.vocab_size
+    if tokenizer.vocab_size != vocab_size:
+        raise CheckpointError(f"{file} has {tokenizer.vocab_size} tokens but the model's vocab_size is "
+                              f"{vocab_size}")
+    return tokenizer

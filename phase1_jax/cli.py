@@ -69,7 +69,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         config = config.with_overrides(overrides)
     out = Path(args.out or Path("runs") / _dt.datetime.now().strftime("%Y%m%d-%H%M%S"))
     print(f"phase1-jax train: {'Phase 1' if config.model.is_phase1 else 'baseline'} model, "
-          f"numerics={config.model.numerics}, {config.training.steps} steps -> {out}", file=sys.stderr)
+          f"numerics={config.model.numerics}, {config.data.tokenizer} tokens (vocab {config.model.vocab_size}), "
+          f"{config.training.steps} steps -> {out}", file=sys.stderr)
     summary = run_training(config, out, progress=_ProgressBar(config.training.steps))
     print(f"final validation loss {summary['final_val_loss']:.4f} nats "
           f"(corpus unigram entropy {summary['unigram_entropy_nats']:.4f}); checkpoint: {out / 'checkpoint'}")
@@ -153,12 +154,14 @@ def _print_report(report: dict) -> None:
 
 
 def cmd_convert_to_phase1(args: argparse.Namespace) -> int:
-    from .checkpoint import load_checkpoint, read_meta, save_checkpoint
+    from .checkpoint import load_checkpoint, load_run_tokenizer, read_meta, save_checkpoint
     from .converters.phase1_conversion import convert_to_phase1
     from .models.common import split_model
     from .phase1_config import Phase1Config, get_preset_config
+    from .tokenizer import tokenizer_files
 
     config, model = load_checkpoint(args.checkpoint)
+    tokenizer = load_run_tokenizer(args.checkpoint)  # the vocabulary is unchanged: keep its tokenizer
     phase1 = get_preset_config(args.preset) if args.preset else Phase1Config()
     changes = {k: v for k, v in dict(htt_rank=args.htt_rank, ar_ssm_max_rank=args.ar_ssm_max_rank,
                                      ar_ssm_min_rank=args.ar_ssm_min_rank).items() if v is not None}
@@ -167,27 +170,32 @@ def cmd_convert_to_phase1(args: argparse.Namespace) -> int:
     model_changes = {"numerics": args.numerics} if args.numerics else {}
     converted, report = convert_to_phase1(model, phase1, **model_changes)
     _, params, buffers = split_model(converted)
-    meta = {"conversion": "to_phase1", "conversion_report": report, "converted_from": str(args.checkpoint)}
+    meta = {"conversion": "to_phase1", "conversion_report": report, "converted_from": str(args.checkpoint),
+            "tokenizer": tokenizer.describe()}
     layout = read_meta(args.checkpoint).get("torch_layout")
     if layout:
         meta["source_torch_layout"] = layout
     save_checkpoint(args.out_dir, type(config)(model=converted.config, training=config.training, data=config.data),
-                    params, buffers, extra_meta=meta)
+                    params, buffers, extra_meta=meta, extra_files=tokenizer_files(tokenizer))
     _print_report(report)
     return 0
 
 
 def cmd_convert_from_phase1(args: argparse.Namespace) -> int:
-    from .checkpoint import load_checkpoint, save_checkpoint
+    from .checkpoint import load_checkpoint, load_run_tokenizer, save_checkpoint
     from .converters.phase1_conversion import convert_from_phase1
     from .models.common import split_model
+    from .tokenizer import tokenizer_files
 
     config, model = load_checkpoint(args.checkpoint)
+    tokenizer = load_run_tokenizer(args.checkpoint)  # the vocabulary is unchanged: keep its tokenizer
     baseline, report = convert_from_phase1(model, drop_ar_ssm=args.drop_ar_ssm)
     _, params, buffers = split_model(baseline)
     save_checkpoint(args.out_dir, type(config)(model=baseline.config, training=config.training, data=config.data),
                     params, buffers, extra_meta={"conversion": "from_phase1", "conversion_report": report,
-                                                 "converted_from": str(args.checkpoint)})
+                                                 "converted_from": str(args.checkpoint),
+                                                 "tokenizer": tokenizer.describe()},
+                    extra_files=tokenizer_files(tokenizer))
     _print_report(report)
     return 0
 
@@ -206,7 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="train a model (default: the main job on the embedded corpus)")
     train.add_argument("--config", help="run configuration YAML (model/training/data sections)")
-    train.add_argument("--preset", help="built-in run preset: default, default-baseline, tiny, tiny-phase1")
+    train.add_argument("--preset", help="built-in run preset: default, default-bpe, default-baseline, tiny, "
+                       "tiny-phase1")
     train.add_argument("--steps", type=int, help="override training.steps")
     train.add_argument("--out", help="run directory (default: runs/<timestamp>)")
     train.add_argument("--set", action="append", metavar="KEY=VALUE",

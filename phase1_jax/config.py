@@ -38,6 +38,10 @@ COMPUTE_DTYPES = ("float32", "bfloat16")
 PARAM_DTYPES = ("float32", "bfloat16")
 DATA_SOURCES = ("embedded", "text", "tokens")
 TOKEN_DTYPES = ("uint16", "uint32")
+TOKENIZER_KINDS = ("byte", "bpe")
+# A BPE vocabulary is the 256-byte alphabet plus at least one merge; the ceiling (2**18) is above any
+# vocabulary in use and keeps a typo from sizing an embedding table by millions of rows.
+BPE_VOCAB_RANGE = (257, 262_144)
 
 
 def _require(ok: bool, field: str, value: Any, allowed: str) -> None:
@@ -206,12 +210,28 @@ class TrainConfig:
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-    """Where tokens come from. "embedded" is CPython's pydoc topics, byte-tokenised: present everywhere."""
+    """Where tokens come from and how text becomes tokens.
+
+    source: "embedded" (CPython's pydoc topics: present everywhere), "text" (a file at `path`) or "tokens"
+    (a pre-tokenised .npy/.bin file at `path`).
+
+    tokenizer:
+      * "byte" (the default): one token per byte; model.vocab_size >= 256 for text sources.
+      * "bpe": byte-level BPE (phase1_jax.tokenizer). Without `tokenizer_path` it is trained on the training
+        split of the text with `tokenizer_vocab_size` ids; with it, that tokenizer.json is used as it is.
+        Either way model.vocab_size must equal the tokenizer's vocabulary size (checked before training),
+        and the tokenizer is saved as tokenizer.json in the run and checkpoint directories.
+      With source "tokens" the file is already tokenised and is never re-tokenised: "bpe" then needs
+      `tokenizer_path`, the tokenizer that produced the ids, which is kept with the run for decoding.
+    """
 
     source: str = "embedded"
     path: str | None = None
     token_dtype: str | None = None
     val_fraction: float = 0.05
+    tokenizer: str = "byte"
+    tokenizer_vocab_size: int = 8192
+    tokenizer_path: str | None = None
 
     def __post_init__(self):
         _check_types(self, "data.")
@@ -221,6 +241,16 @@ class DataConfig:
         _require(self.token_dtype is None or self.token_dtype in TOKEN_DTYPES, "data.token_dtype",
                  self.token_dtype, " | ".join(TOKEN_DTYPES) + " (or null)")
         _require(0.0 < self.val_fraction < 0.5, "data.val_fraction", self.val_fraction, "0 < x < 0.5")
+        _require(self.tokenizer in TOKENIZER_KINDS, "data.tokenizer", self.tokenizer, " | ".join(TOKENIZER_KINDS))
+        low, high = BPE_VOCAB_RANGE
+        _require(low <= self.tokenizer_vocab_size <= high, "data.tokenizer_vocab_size", self.tokenizer_vocab_size,
+                 f"{low} <= x <= {high} (the 256-byte alphabet plus merges)")
+        _require(self.tokenizer_path is None or self.tokenizer == "bpe", "data.tokenizer_path", self.tokenizer_path,
+                 "null when data.tokenizer is 'byte' (the byte tokenizer has no file)")
+        _require(not (self.source == "tokens" and self.tokenizer == "bpe" and self.tokenizer_path is None),
+                 "data.tokenizer_path", self.tokenizer_path,
+                 "the tokenizer.json that produced the token file when data.source is 'tokens' and data.tokenizer "
+                 "is 'bpe' (token files are never re-tokenised)")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

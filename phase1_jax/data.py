@@ -26,6 +26,7 @@ from phase1_jax.errors import InputValidationError
 __all__ = [
     "EMBEDDED_CORPUS_SEPARATOR",
     "TOKEN_SOURCES",
+    "TEXT_SOURCES",
     "RAW_TOKEN_DTYPES",
     "NPY_TOKEN_DTYPES",
     "Batch",
@@ -33,10 +34,12 @@ __all__ = [
     "BatchIterator",
     "embedded_corpus_bytes",
     "corpus_fingerprint",
+    "load_text",
     "load_tokens",
     "validate_token_range",
     "unigram_entropy_nats",
     "train_val_split",
+    "split_text",
     "eval_batches",
 ]
 
@@ -44,6 +47,8 @@ __all__ = [
 EMBEDDED_CORPUS_SEPARATOR = "\n\n"
 
 TOKEN_SOURCES = ("embedded", "text", "tokens")
+# The sources that are text (and so can be tokenised by any tokenizer); "tokens" is already tokenised.
+TEXT_SOURCES = ("embedded", "text")
 # Raw .bin files carry no header, so their item type must be named; these are the usual choices of
 # tokenizer pipelines (uint16 up to 65 536 ids, uint32 beyond).
 RAW_TOKEN_DTYPES = ("uint16", "uint32")
@@ -111,10 +116,17 @@ def corpus_fingerprint(data: bytes | bytearray | memoryview | np.ndarray, length
 class ByteTokenizer:
     """Byte-level tokenizer: every byte is one token, so any text round-trips and no vocabulary file exists.
 
-    Strings are encoded as UTF-8; a non-ASCII character becomes several tokens.
+    Strings are encoded as UTF-8; a non-ASCII character becomes several tokens. It has the interface of
+    ``phase1_jax.tokenizer.BPETokenizer`` except for ``save``/``load``: being fully defined by its kind, it has
+    no file, and a run or checkpoint without ``tokenizer.json`` is byte-level.
     """
 
+    kind = "byte"
     vocab_size = 256
+
+    def describe(self) -> dict:
+        """Return what a run records about its tokenizer: ``{"kind", "vocab_size"}``."""
+        return {"kind": self.kind, "vocab_size": self.vocab_size}
 
     def encode(self, text: str | bytes | bytearray | memoryview) -> np.ndarray:
         """Return the byte values of ``text`` (UTF-8 for ``str``) as a 1-D int32 array in [0, 256)."""
@@ -262,6 +274,30 @@ def _load_raw_tokens(path: str, token_dtype: str | None, file_size: int) -> np.n
     return _to_int32_tokens(np.fromfile(path, dtype=item_dtype), path)
 
 
+def load_text(source: str, path: str | os.PathLike | None = None) -> bytes:
+    """Return the raw bytes of a text source: ``"embedded"`` (``path`` must be None) or ``"text"`` (a file).
+
+    An unknown source, a path given to ``"embedded"``, and a missing, non-regular or empty file raise
+    ``InputValidationError`` naming the source or path.
+    """
+    if source not in TEXT_SOURCES:
+        raise InputValidationError(
+            f"data source {source!r} is not text; expected one of {', '.join(repr(s) for s in TEXT_SOURCES)}"
+        )
+    if source == "embedded":
+        if path is not None:
+            raise InputValidationError(
+                f"data source 'embedded' takes no path, got {os.fspath(path)!r}; use source 'text' or 'tokens'"
+            )
+        return embedded_corpus_bytes()
+    if path is None:
+        raise InputValidationError("data source 'text' needs a path")
+    path = os.fspath(path)
+    _require_nonempty_file(path, "text")
+    with open(path, "rb") as handle:
+        return handle.read()
+
+
 def load_tokens(source: str, path: str | os.PathLike | None = None, token_dtype: str | None = None) -> np.ndarray:
     """Return a token stream as a 1-D int32 array of non-negative ids.
 
@@ -281,21 +317,11 @@ def load_tokens(source: str, path: str | os.PathLike | None = None, token_dtype:
         raise InputValidationError(
             f"unknown data source {source!r}; expected one of {', '.join(repr(s) for s in TOKEN_SOURCES)}"
         )
-    if source == "embedded":
-        if path is not None:
-            raise InputValidationError(
-                f"data source 'embedded' takes no path, got {os.fspath(path)!r}; use source 'text' or 'tokens'"
-            )
-        return ByteTokenizer().encode(embedded_corpus_bytes())
-
+    if source in TEXT_SOURCES:
+        return ByteTokenizer().encode(load_text(source, path))
     if path is None:
         raise InputValidationError(f"data source {source!r} needs a path")
     path = os.fspath(path)
-    if source == "text":
-        _require_nonempty_file(path, "text")
-        with open(path, "rb") as handle:
-            return ByteTokenizer().encode(handle.read())
-
     file_size = _require_nonempty_file(path, "token")
     if path.lower().endswith(".npy"):
         return _load_npy_tokens(path, token_dtype)
@@ -365,6 +391,32 @@ def train_val_split(tokens: np.ndarray, val_fraction: float, seq_len: int) -> tu
             f"validation {val_length} tokens, but each needs at least seq_len + 1 = {needed}"
         )
     return array[:train_length], array[train_length:]
+
+
+def split_text(data: bytes, val_fraction: float, where: str) -> tuple[str, str]:
+    """Split UTF-8 text into ``(train, val)`` strings, validation = the last ``val_fraction`` of its bytes.
+
+    The text counterpart of ``train_val_split``, for tokenizers that are trained on the data: splitting the
+    text before tokenising keeps the validation text out of the tokenizer's training. The cut is the byte
+    split point of ``train_val_split`` (``round(len(data) * val_fraction)`` bytes of validation), moved back
+    to the start of a character when it falls inside one, so a byte tokenizer would see the same split.
+    Text that is not valid UTF-8 raises ``InputValidationError`` naming ``where`` and the byte offset.
+    """
+    if isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float, np.floating)) or not (
+        0.0 < float(val_fraction) < 1.0
+    ):
+        raise InputValidationError(f"split_text: val_fraction must be in (0, 1), got {val_fraction!r}")
+    data = bytes(data)
+    try:
+        data.decode("utf-8")  # checked whole, so the error names the offset in the file
+    except UnicodeDecodeError as err:
+        raise InputValidationError(
+            f"{where} is not valid UTF-8 (byte {err.start}: {err.reason}); only the byte tokenizer reads any bytes"
+        ) from None
+    cut = len(data) - int(round(len(data) * float(val_fraction)))
+    while 0 < cut < len(data) and data[cut] & 0xC0 == 0x80:  # a UTF-8 continuation byte
+        cut -= 1
+    return data[:cut].decode("utf-8"), data[cut:].decode("utf-8")
 
 
 class BatchIterator:

@@ -104,3 +104,158 @@ def test_training_stops_on_non_finite_loss(tmp_path, capsys):
     assert code == 2
     assert "Numerical instability detected in training" in capsys.readouterr().err
     assert not (out / "checkpoint").exists()
+
+
+# ---------------------------------------------------------------- BPE tokenizer runs
+
+BPE_OVERRIDES = ["--set", "data.tokenizer=bpe", "--set", "data.tokenizer_vocab_size=512",
+                 "--set", "model.vocab_size=512"]
+
+
+@pytest.fixture(scope="module")
+def bpe_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "bpe"
+    assert main(["train", "--preset", "tiny-phase1", "--steps", "2", "--out", str(out), *BPE_OVERRIDES]) == 0
+    return out
+
+
+def _error_line(capsys) -> str:
+    """The one error line of a refused command (the train header line may precede it)."""
+    lines = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+def test_bpe_run_saves_its_tokenizer_in_the_run_and_the_checkpoint(bpe_run):
+    import hashlib
+
+    import yaml
+
+    data = (bpe_run / "tokenizer.json").read_bytes()
+    assert (bpe_run / "checkpoint" / "tokenizer.json").read_bytes() == data
+    record = {"kind": "bpe", "vocab_size": 512, "sha256": hashlib.sha256(data).hexdigest()}
+    assert json.loads((bpe_run / "checkpoint" / "meta.json").read_text())["tokenizer"] == record
+    summary = json.loads((bpe_run / "summary.json").read_text())
+    assert summary["tokenizer"] == record
+    assert summary["val_bytes_per_token"] > 2  # BPE tokens hold several bytes each
+    assert yaml.safe_load((bpe_run / "config.yaml").read_text())["data"]["tokenizer"] == "bpe"
+    assert not list(bpe_run.glob(".*")) and not list((bpe_run / "checkpoint").glob(".*"))  # no leftovers
+
+
+def test_bpe_run_tokenizer_is_trained_on_the_training_split_only(bpe_run):
+    from phase1_jax.data import embedded_corpus_bytes, split_text
+    from phase1_jax.tokenizer import BPETokenizer
+
+    train_text, val_text = split_text(embedded_corpus_bytes(), 0.05, "the embedded corpus")
+    expected = BPETokenizer.train(train_text, 512)
+    assert (bpe_run / "tokenizer.json").read_bytes() == expected.to_json()
+    summary = json.loads((bpe_run / "summary.json").read_text())
+    assert summary["num_train_tokens"] == expected.encode(train_text).size
+    assert summary["num_val_tokens"] == expected.encode(val_text).size
+    assert summary["val_bytes_per_token"] == len(val_text.encode()) / summary["num_val_tokens"]
+
+
+def test_load_run_tokenizer_for_byte_and_bpe_runs(tiny_run, bpe_run):
+    from phase1_jax.checkpoint import load_run_tokenizer
+    from phase1_jax.tokenizer import BPETokenizer, ByteTokenizer
+
+    assert isinstance(load_run_tokenizer(tiny_run), ByteTokenizer)
+    assert json.loads((tiny_run / "checkpoint" / "meta.json").read_text())["tokenizer"]["kind"] == "byte"
+    assert not (tiny_run / "tokenizer.json").exists()
+    for path in (bpe_run, bpe_run / "checkpoint"):
+        tokenizer = load_run_tokenizer(path)
+        assert isinstance(tokenizer, BPETokenizer) and tokenizer.vocab_size == 512
+        assert tokenizer.to_json() == (bpe_run / "tokenizer.json").read_bytes()
+        assert tokenizer.decode(tokenizer.encode("déjà vu: 🙂\n")) == "déjà vu: 🙂\n"
+
+
+def test_load_run_tokenizer_refuses_a_changed_or_missing_file(bpe_run, tmp_path):
+    import shutil
+
+    from phase1_jax.checkpoint import load_run_tokenizer
+    from phase1_jax.errors import CheckpointError
+
+    ckpt = tmp_path / "checkpoint"
+    shutil.copytree(bpe_run / "checkpoint", ckpt)
+    (ckpt / "tokenizer.json").write_bytes((ckpt / "tokenizer.json").read_bytes() + b" ")
+    with pytest.raises(CheckpointError, match="does not match the sha256 recorded in meta.json"):
+        load_run_tokenizer(ckpt)
+    (ckpt / "tokenizer.json").unlink()
+    with pytest.raises(CheckpointError, match="records a 'bpe' tokenizer but tokenizer.json is missing"):
+        load_run_tokenizer(ckpt)
+
+
+def test_conversion_keeps_the_tokenizer(bpe_run, tmp_path):
+    from phase1_jax.checkpoint import load_run_tokenizer
+
+    assert main(["convert-from-phase1", str(bpe_run), str(tmp_path / "baseline"), "--drop-ar-ssm"]) == 0
+    assert load_run_tokenizer(tmp_path / "baseline").sha256 == load_run_tokenizer(bpe_run).sha256
+
+
+def test_bpe_run_reusing_a_tokenizer_file_gets_the_same_tokens(bpe_run, tmp_path):
+    out = tmp_path / "reuse"
+    assert main(["train", "--preset", "tiny", "--steps", "1", "--out", str(out), "--set", "data.tokenizer=bpe",
+                 "--set", f"data.tokenizer_path={bpe_run / 'tokenizer.json'}", "--set", "model.vocab_size=512"]) == 0
+    assert (out / "checkpoint" / "tokenizer.json").read_bytes() == (bpe_run / "tokenizer.json").read_bytes()
+    first, again = (json.loads((run / "summary.json").read_text()) for run in (bpe_run, out))
+    assert again["data_fingerprint"] == first["data_fingerprint"] and again["tokenizer"] == first["tokenizer"]
+
+
+def test_bpe_vocab_mismatch_is_refused_before_anything_runs(tmp_path, capsys):
+    out = tmp_path / "r"
+    assert main(["train", "--preset", "tiny", "--out", str(out), "--set", "data.tokenizer=bpe",
+                 "--set", "data.tokenizer_vocab_size=512"]) == 2
+    line = _error_line(capsys)
+    assert "model.vocab_size' = 256" in line and "data.tokenizer_vocab_size = 512" in line
+    assert not out.exists()
+
+
+def test_tokenizer_file_vocab_mismatch_names_both_sizes(bpe_run, tmp_path, capsys):
+    out = tmp_path / "r"
+    assert main(["train", "--preset", "tiny", "--out", str(out), "--set", "data.tokenizer=bpe",
+                 "--set", f"data.tokenizer_path={bpe_run / 'tokenizer.json'}", "--set", "model.vocab_size=600"]) == 2
+    line = _error_line(capsys)
+    assert "model.vocab_size' = 600" in line and "vocabulary size 512" in line and "model.vocab_size=512" in line
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("content,fragment", [(None, "does not exist"), (b"{oops", "not a readable tokenizer.json")])
+def test_missing_or_unreadable_tokenizer_file(tmp_path, capsys, content, fragment):
+    path = tmp_path / "tok.json"
+    if content is not None:
+        path.write_bytes(content)
+    out = tmp_path / "r"
+    assert main(["train", "--preset", "tiny", "--out", str(out), "--set", "data.tokenizer=bpe",
+                 "--set", f"data.tokenizer_path={path}", "--set", "model.vocab_size=512"]) == 2
+    line = _error_line(capsys)
+    assert "data.tokenizer_path" in line and str(path) in line and fragment in line
+    assert not out.exists()
+
+
+def test_unknown_tokenizer_kind(tmp_path, capsys):
+    assert main(["train", "--preset", "tiny", "--set", "data.tokenizer=sentencepiece",
+                 "--out", str(tmp_path / "r")]) == 2
+    line = _error_line(capsys)
+    assert "data.tokenizer' = 'sentencepiece'" in line and "byte | bpe" in line
+
+
+def test_text_too_small_for_the_vocabulary_names_the_maximum(tmp_path, capsys):
+    path = tmp_path / "small.txt"
+    path.write_text("the quick brown fox jumps over the lazy dog. " * 40, encoding="utf-8")
+    out = tmp_path / "r"
+    assert main(["train", "--preset", "tiny", "--out", str(out), "--set", "data.source=text",
+                 "--set", f"data.path={path}", "--set", "data.tokenizer=bpe", "--set", "data.tokenizer_vocab_size=4096",
+                 "--set", "model.vocab_size=4096"]) == 2
+    line = _error_line(capsys)
+    assert "data.tokenizer_vocab_size' = 4096" in line and "at most" in line and str(path) in line
+    assert not out.exists()
+
+
+def test_bpe_token_file_needs_its_tokenizer_with_the_matching_vocab(bpe_run, tmp_path, capsys):
+    np.save(tmp_path / "tokens.npy", np.arange(5000, dtype=np.uint16) % 512)
+    common = ["train", "--preset", "tiny", "--out", str(tmp_path / "r"), "--set", "data.source=tokens",
+              "--set", f"data.path={tmp_path / 'tokens.npy'}", "--set", "data.tokenizer=bpe"]
+    assert main(common + ["--set", "model.vocab_size=512"]) == 2
+    assert "data.tokenizer_path" in _error_line(capsys)
+    assert main(common + ["--set", f"data.tokenizer_path={bpe_run / 'tokenizer.json'}"]) == 2
+    assert "vocabulary size 512" in _error_line(capsys)

@@ -3,7 +3,7 @@ import dataclasses
 import pytest
 import yaml
 
-from phase1_jax.config import ModelConfig, RunConfig, TrainConfig, load_run_config
+from phase1_jax.config import DataConfig, ModelConfig, RunConfig, TrainConfig, load_run_config
 from phase1_jax.errors import InvalidConfigError
 from phase1_jax.presets import RUN_PRESETS, run_preset
 
@@ -43,6 +43,42 @@ def test_train_config_validation():
     assert TrainConfig.from_dict(yaml.safe_load("learning_rate: 1e-3")).learning_rate == 1e-3  # YAML 1.1 str
     with pytest.raises(InvalidConfigError, match="training.learning_rate"):
         TrainConfig(learning_rate="fast")
+
+
+def test_data_config_tokenizer_defaults_are_byte_level():
+    cfg = DataConfig()
+    assert (cfg.tokenizer, cfg.tokenizer_vocab_size, cfg.tokenizer_path) == ("byte", 8192, None)
+    assert DataConfig(tokenizer="bpe", tokenizer_vocab_size=2048).tokenizer_vocab_size == 2048
+
+
+@pytest.mark.parametrize("changes,field,fragment", [
+    ({"tokenizer": "wordpiece"}, "data.tokenizer", "allowed: byte | bpe"),
+    ({"tokenizer": "bpe", "tokenizer_vocab_size": 256}, "data.tokenizer_vocab_size", "257 <= x <= 262144"),
+    ({"tokenizer_vocab_size": 10**6}, "data.tokenizer_vocab_size", "257 <= x <= 262144"),
+    ({"tokenizer_vocab_size": "8k"}, "data.tokenizer_vocab_size", "an integer"),
+    ({"tokenizer_path": "tok.json"}, "data.tokenizer_path", "null when data.tokenizer is 'byte'"),
+    ({"source": "tokens", "path": "t.npy", "tokenizer": "bpe"}, "data.tokenizer_path",
+     "the tokenizer.json that produced the token file"),
+])
+def test_data_config_tokenizer_errors_name_field_value_and_allowed(changes, field, fragment):
+    with pytest.raises(InvalidConfigError) as info:
+        DataConfig(**changes)
+    err = info.value
+    assert err.param_name == field and fragment in str(err) and "\n" not in str(err)
+
+
+def test_bpe_with_a_token_file_and_its_tokenizer_is_valid():
+    cfg = DataConfig(source="tokens", path="t.npy", tokenizer="bpe", tokenizer_path="tok.json")
+    assert cfg.tokenizer_path == "tok.json"
+
+
+def test_only_default_bpe_preset_is_bpe_and_its_sizes_agree():
+    for name in RUN_PRESETS:
+        cfg = run_preset(name)
+        assert cfg.data.tokenizer == ("bpe" if name == "default-bpe" else "byte"), name
+    bpe = run_preset("default-bpe")
+    assert bpe.model.vocab_size == bpe.data.tokenizer_vocab_size == 8192
+    assert bpe.model == run_preset("default").model.replace(vocab_size=8192)
 
 
 def test_frozen():

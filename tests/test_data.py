@@ -15,7 +15,9 @@ from phase1_jax.data import (
     corpus_fingerprint,
     embedded_corpus_bytes,
     eval_batches,
+    load_text,
     load_tokens,
+    split_text,
     train_val_split,
     unigram_entropy_nats,
     validate_token_range,
@@ -84,6 +86,19 @@ def test_load_text_file(tmp_path):
     tokens = load_tokens("text", str(path))
     assert tokens.dtype == np.int32
     assert tokens.tolist() == list("héllo\n".encode("utf-8"))
+
+
+def test_load_text_returns_the_bytes_of_text_sources(tmp_path):
+    assert load_text("embedded") == embedded_corpus_bytes()
+    path = tmp_path / "latin1.txt"
+    path.write_bytes(b"caf\xe9")  # any bytes: only a tokenizer that needs UTF-8 checks the encoding
+    assert load_text("text", path) == b"caf\xe9"
+    with pytest.raises(InputValidationError, match="'tokens' is not text"):
+        load_text("tokens", path)
+    with pytest.raises(InputValidationError, match="takes no path"):
+        load_text("embedded", path)
+    with pytest.raises(InputValidationError, match="needs a path"):
+        load_text("text")
 
 
 @pytest.mark.parametrize("dtype", ["uint16", "uint32", "int32", "int64"])
@@ -296,6 +311,26 @@ def test_train_val_split_too_short_names_lengths():
         train_val_split(np.arange(100), 0.05, seq_len=16)
     message = str(info.value)
     assert "train 95" in message and "validation 5" in message and "17" in message
+
+
+def test_split_text_matches_train_val_split_on_ascii():
+    data = bytes(range(32, 127)) * 20
+    train, val = split_text(data, 0.1, "ascii")
+    byte_train, byte_val = train_val_split(np.frombuffer(data, np.uint8), 0.1, seq_len=8)
+    assert train.encode() == byte_train.tobytes() and val.encode() == byte_val.tobytes()
+
+
+def test_split_text_never_cuts_a_character():
+    data = "é".encode() * 50  # 100 bytes; the byte cut at 95 falls inside a character
+    train, val = split_text(data, 0.05, "accents")
+    assert train + val == "é" * 50 and len(val) == 3  # moved back to 94: 6 bytes of validation
+
+
+def test_split_text_names_the_offset_of_invalid_utf8():
+    with pytest.raises(InputValidationError, match=r"corpus.txt is not valid UTF-8 \(byte 4: invalid start byte\)"):
+        split_text(b"abcd\xffefgh", 0.1, "corpus.txt")
+    with pytest.raises(InputValidationError, match="val_fraction"):
+        split_text(b"abc", 1.0, "x")
 
 
 # ---------------------------------------------------------------- training batches
