@@ -1,5 +1,8 @@
 """Where a training step's device time goes, by model component.
 
+Run it with `XLA_FLAGS=--xla_gpu_enable_command_buffer=` on a GPU: otherwise XLA replays each step as one CUDA
+graph and the trace holds a single event per step (run 1 in docs/perf/PHASE1.md).
+
     python benchmarks/profile_step.py [--d-model 512 --n-layers 6 --n-seq 1024 --batch 8 --vocab 50257]
                                       [--variants baseline,phase1,...] [--out profile.json]
 
@@ -218,6 +221,7 @@ def main(argv=None):
     parser.add_argument("--variants", default="baseline,phase1,phase1-nostab,phase1-nostab-noremat")
     parser.add_argument("--out", default="profile_step.json")
     parser.add_argument("--micro", action="store_true", help="also time the embedding alone (dense vs HTT)")
+    parser.add_argument("--loss-chunk", type=int, default=None, help="training.loss_chunk_tokens of the Phase 1 rows")
     args = parser.parse_args(argv)
 
     from phase1_jax.config import ModelConfig, TrainConfig
@@ -240,6 +244,9 @@ def main(argv=None):
         "phase1-nohtt": base.replace(phase1=p1.replace(htt_enabled=False)),
     }
     train_cfg = TrainConfig(batch_size=args.batch, steps=1000, compute_dtype="bfloat16", warmup_steps=10)
+    phase1_train_cfg = train_cfg if args.loss_chunk is None else TrainConfig(
+        batch_size=args.batch, steps=1000, compute_dtype="bfloat16", warmup_steps=10,
+        loss_chunk_tokens=args.loss_chunk)
     device = jax.devices()[0]
     print(f"device {device.device_kind}, jax {jax.__version__}, shape d{args.d_model} L{args.n_layers} "
           f"N{args.n_seq} B{args.batch} V{args.vocab}", flush=True)
@@ -249,7 +256,8 @@ def main(argv=None):
         micro = micro_embeddings(args.vocab, args.d_model, args.batch * args.n_seq)
     for label in [v for v in args.variants.split(",") if v]:
         try:
-            results.append(profile_variant(label, variants[label], train_cfg, batch))
+            cfg = train_cfg if label == "baseline" else phase1_train_cfg
+            results.append(profile_variant(label, variants[label], cfg, batch))
         except Exception as err:  # keep the other variants
             print(f"{label}: FAILED {type(err).__name__}: {str(err)[:1500]}", flush=True)
             results.append({"label": label, "error": f"{type(err).__name__}: {err}"})

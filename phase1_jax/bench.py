@@ -84,6 +84,9 @@ class Row:
 
 
 LOSS_CHUNK = 2048
+# The perplexity part holds out the last 10 % of the corpus (twice the training default) so that its validation
+# split has a few dozen windows even at n_seq 512.
+VAL_FRACTION = 0.1
 
 
 def default_rows(presets: list[str], ablations: bool = True) -> list[Row]:
@@ -420,13 +423,14 @@ def capped(shape: Shape, rows: list[Row], rounds: int, steps_per_round: int, smo
 def perplexity(shape: Shape, rows: list[Row], tokens_target: int, vocab_size: int, eval_points: int,
                learning_rate: float, smoke: bool) -> dict[str, Any]:
     """Train each row on the same BPE-tokenised embedded-corpus batches; validation perplexity along the way."""
-    from .data import BatchIterator, embedded_corpus_bytes, eval_batches, train_val_split
-    from .tokenizer import train_bpe_tokenizer
+    from .data import BatchIterator, embedded_corpus_bytes, eval_batches, split_text
+    from .tokenizer import BPETokenizer
     from .train import build_model, create_train_state, make_eval_step, make_train_step
 
-    text = embedded_corpus_bytes().decode("utf-8")
-    tokenizer, tokens = train_bpe_tokenizer(text, vocab_size, val_fraction=0.1)
-    train_tokens, val_tokens = train_val_split(tokens, 0.1, shape.n_seq)
+    # The tokenizer learns from the training text only; the validation text is held out of both.
+    train_text, val_text = split_text(embedded_corpus_bytes(), VAL_FRACTION, "the embedded corpus")
+    tokenizer = BPETokenizer.train(train_text, vocab_size)
+    train_tokens, val_tokens = tokenizer.encode(train_text), tokenizer.encode(val_text)
     shape = dataclasses.replace(shape, vocab=tokenizer.vocab_size)
     steps = math.ceil(tokens_target / (shape.batch * shape.n_seq))
     val_windows = max(1, (val_tokens.size - 1) // shape.n_seq)
@@ -434,7 +438,7 @@ def perplexity(shape: Shape, rows: list[Row], tokens_target: int, vocab_size: in
                        max(1, val_windows // min(shape.batch, val_windows)))
     eval_every = max(1, steps // eval_points)
     out = {"shape": dataclasses.asdict(shape), "steps": steps, "tokens_trained": steps * shape.batch * shape.n_seq,
-           "tokenizer": {"kind": "bpe", "vocab_size": tokenizer.vocab_size}, "train_tokens": int(train_tokens.size),
+           "tokenizer": tokenizer.describe(), "val_fraction": VAL_FRACTION, "train_tokens": int(train_tokens.size),
            "val_tokens": int(val_tokens.size), "val_windows": sum(b.inputs.shape[0] for b in val),
            "learning_rate": learning_rate, "rows": []}
     print(f"  BPE vocab {tokenizer.vocab_size}: {train_tokens.size:,} train / {val_tokens.size:,} validation tokens; "
@@ -572,7 +576,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser.add_argument("--ppl-shape", default="768,12,512,16", help="d_model,n_layers,n_seq,batch of the "
                         "perplexity part (its vocab is the BPE tokenizer's)")
     parser.add_argument("--ppl-tokens", type=float, default=20e6, help="training tokens per model (default 20M)")
-    parser.add_argument("--ppl-vocab", type=int, default=16384, help="BPE vocabulary size (default 16384)")
+    parser.add_argument("--ppl-vocab", type=int, default=8192,
+                        help="BPE vocabulary size (default 8192; the embedded corpus supports at most ~9,000)")
     parser.add_argument("--ppl-lr", type=float, default=6e-4)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps-per-round", type=int, default=10)

@@ -93,6 +93,7 @@ def chunked_cross_entropy(head: Callable[[jax.Array], jax.Array], hidden: jax.Ar
     flat_h = hidden.reshape(-1, d)
     flat_t = targets.reshape(-1)
     total = flat_t.shape[0]
+    chunk_tokens = min(chunk_tokens, total)
     chunks = -(-total // chunk_tokens)
     pad = chunks * chunk_tokens - total
     weights = jnp.pad(jnp.ones((total,), jnp.float32), (0, pad))
