@@ -217,7 +217,7 @@ def test_past_the_overflow_cliff_through_the_cli(tmp_path):
     from flax import nnx
 
     from phase1_jax.config import ModelConfig
-    from phase1_jax.converters.resnet_bk import state_dict_from_model
+    from phase1_jax.converters.bridge import state_dict_from_model
     from phase1_jax.converters.torch_io import numpy_to_tensor
     from phase1_jax.converters.torch_twins import build_torch_twin
     from phase1_jax.models.resnet_bk import ResNetBK

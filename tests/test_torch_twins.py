@@ -11,8 +11,8 @@ from flax import nnx
 
 from conftest import GOLDEN_DIR
 from phase1_jax.config import ModelConfig
-from phase1_jax.converters.resnet_bk import state_dict_from_model
-from phase1_jax.converters.state_dict import model_key_map
+from phase1_jax.converters.bridge import state_dict_from_model
+from phase1_jax.converters.key_map import model_key_map
 from phase1_jax.converters.torch_io import numpy_to_tensor, tensor_to_numpy
 from phase1_jax.converters.torch_twins import (
     bidirectional_resolvent_diagonal,
