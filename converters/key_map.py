@@ -241,9 +241,9 @@ def _dotted(path: JaxPath) -> str:
 class _Walker:
     def __init__(self, module: nnx.Module):
         _, params, buffers = split_model(module)
-        # Every variable of the module, by path, with the pure-dict collection that split_model puts it in.
+        # Every variable of the module by path: the pure-dict collection split_model puts it in, and its value.
         self.variables: dict[JaxPath, tuple[str, Any]] = {}
-        self.kinds: dict[JaxPath, str] = {}
+        self.kinds: dict[JaxPath, str] = {}  # Param, Buffer, RankState, ... for error messages
         for collection, state in (("params", params), ("buffers", buffers)):
             for path, variable in nnx.to_flat_state(state):
                 self.variables[tuple(path)] = (collection, variable.get_value())
@@ -259,7 +259,7 @@ class _Walker:
         if optional and getattr(owner, path[-1], None) is None:
             return None
         raise KeyMapError(f"the key rule for {type(owner).__name__} names '{_dotted(path)}', which is not a "
-                          f"Param or Buffer of the module")
+                          f"variable of the module")
 
     def add(self, torch_key: str, path: JaxPath, collection: str, value: Any, transform: Transform,
             row: int | None = None) -> None:

@@ -130,6 +130,14 @@ def test_twin_matches_jax_model(name):
             assert torch.equal(value, exported[key])
 
 
+@pytest.mark.parametrize("name", list(CASES))
+def test_parameter_rows_follow_torch_parameter_order(name):
+    """The order a torch optimizer's state is indexed by, and the golden runner's gradient keys."""
+    config, _ = CASES[name]
+    twin_order = [key for key, _ in build_torch_twin(config).named_parameters()]
+    assert twin_order == [m.torch_key for m in model_key_map(config).parameter_rows()]
+
+
 def test_reference_twin_reproduces_golden_baseline():
     case_dir = GOLDEN_DIR / "baseline_small"
     if not (case_dir / "case.json").is_file():
