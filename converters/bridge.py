@@ -1,105 +1,50 @@
-"""Torch checkpoints <-> phase1-jax Orbax checkpoints (the `import-torch` / `export-torch` commands).
+"""PyTorch state dicts <-> phase1-jax models and Orbax checkpoints (the `import-torch` / `export-torch` commands).
 
-Three torch layouts are recognised from the keys:
+Model level: `model_from_state_dict` and `state_dict_from_model`. Checkpoint level: `import_torch` reads a torch
+file, checks it strictly and writes an Orbax checkpoint, recording the torch layout in meta.json so that
+`export_torch` writes back exactly the keys, order, shapes and dtypes it read.
 
-* "baseline"           the reference LanguageModel (REFERENCE_SPEC §1.3);
-* "phase1_integrated"  the reference's Phase1IntegratedModel: every key under `base_model.`, HTT cores in
-                       place of both embedding tables (§2.12);
-* "phase1_jax"         what `export-torch` writes for a Phase 1 model: HTT cores and `blocks.{i}.ar_ssm.*`.
-
-The architecture is read off the tensor shapes; what shapes cannot tell (top_k, dropout, ...) comes from
-arguments with the reference's defaults. The layout and key prefix are recorded in the checkpoint's meta.json,
-so `export-torch` writes back exactly the keys, order, shapes and dtypes it read.
+Optimizer state (torch AdamW `state_dict()` <-> optax) belongs here too, next to the model functions: torch
+keys an optimizer's per-parameter state by position in `model.parameters()`, which is the order of
+`key_map(...).parameter_rows()`, and each row's transform converts `exp_avg`/`exp_avg_sq` like the weight.
 """
 
 from __future__ import annotations
 
-import re
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
-from flax import nnx
 
 from phase1_jax.checkpoint import load_checkpoint, read_meta, save_checkpoint
 from phase1_jax.config import ModelConfig, RunConfig
 from phase1_jax.models.common import split_model
 from phase1_jax.models.resnet_bk import ResNetBK
-from phase1_jax.phase1_config import Phase1Config
 
-from .nnx_bridge import load_state_into, state_from_module
-from .state_dict import StateDictMismatchError, model_key_map, stacked_shapes_for
+from .key_map import abstract_model, key_map
+from .layouts import LAYOUTS, PREFIXES, default_layout, detect_layout, infer_model_config
+from .state_dict import load_state_into, state_from_module
 from .torch_io import load_state_dict, save_state_dict
 
-LAYOUTS = ("baseline", "phase1_integrated", "phase1_jax")
-PREFIXES = {"baseline": "", "phase1_integrated": "base_model.", "phase1_jax": ""}
-# Reference defaults for what the shapes cannot tell (REFERENCE_SPEC §1.1).
-REFERENCE_DEFAULTS = dict(top_k=1, dropout=0.1, prime_bump_init=False, prime_bump_scale=0.02,
-                          scattering_scale=0.1, scattering_scale_warmup_steps=0)
+
+def model_from_state_dict(state: Mapping[str, np.ndarray], config: ModelConfig | None = None, *,
+                          layout: str | None = None, **options: Any) -> ResNetBK:
+    """A ResNetBK holding exactly the given torch weights. The layout is detected and the architecture read off
+    the shapes unless given; `options` are `infer_model_config`'s (top_k, dropout, numerics, ...)."""
+    layout = layout or detect_layout(state)
+    config = config or infer_model_config(state, layout, **options)
+    abstract = abstract_model(config)
+    return load_state_into(abstract, state, key_map(abstract, PREFIXES[layout]))
 
 
-def detect_layout(state: Mapping[str, np.ndarray]) -> str:
-    if any(k.startswith("base_model.") for k in state):
-        return "phase1_integrated"
-    if "token_embedding.core1" in state or any(".ar_ssm." in k for k in state):
-        return "phase1_jax"
-    return "baseline"
-
-
-def _shape(state: Mapping[str, np.ndarray], key: str) -> tuple[int, ...]:
-    if key not in state:
-        raise StateDictMismatchError([f"missing key '{key}' (needed to infer the architecture)"])
-    return tuple(state[key].shape)
-
-
-def infer_model_config(state: Mapping[str, np.ndarray], layout: str, **options: Any) -> ModelConfig:
-    """ModelConfig from tensor shapes; `options` supplies what shapes cannot (reference defaults otherwise).
-
-    options: top_k, dropout, prime_bump_init, prime_bump_scale, scattering_scale, scattering_scale_warmup_steps,
-    numerics (default "reference"), and for Phase 1 layouts htt_phase_encoding (default True),
-    ar_ssm_min_rank (default min(4, max_rank)), ar_ssm_local_conv (default "causal"; "centered" for the
-    reference's own AR-SSM layers).
-    """
-    p = PREFIXES[layout]
-    vocab, d_model = _shape(state, f"{p}lm_head.weight")
-    n_seq = _shape(state, f"{p}blocks.0.bk_layer.h0_diag_base")[1]
-    layer_ids = {int(m.group(1)) for k in state if (m := re.match(rf"{re.escape(p)}blocks\.(\d+)\.", k))}
-    num_experts = _shape(state, f"{p}blocks.0.bk_layer.moe_ffn.gating_network.weight")[0]
-    model_opts = {k: options.get(k, v) for k, v in REFERENCE_DEFAULTS.items()}
-    fields: dict[str, Any] = dict(vocab_size=vocab, d_model=d_model, n_layers=max(layer_ids) + 1, n_seq=n_seq,
-                                  num_experts=num_experts, numerics=options.get("numerics", "reference"),
-                                  **model_opts)
-    floats = {str(v.dtype) for v in state.values() if v.dtype.kind == "f" or str(v.dtype) == "bfloat16"}
-    if floats - {"float32", "bfloat16"}:
-        raise StateDictMismatchError([f"floating dtypes {sorted(floats)}: phase1-jax imports float32 or bfloat16 "
-                                      "checkpoints (convert with model.float() or model.bfloat16() first)"])
-    fields["param_dtype"] = "bfloat16" if floats == {"bfloat16"} else "float32"
-    if layout != "baseline":
-        token_htt = f"{p}token_embedding.core1" in state
-        ar_layers = sorted({int(m.group(1)) for k in state
-                            if (m := re.match(rf"{re.escape(p)}blocks\.(\d+)\.ar_ssm\.", k))})
-        phase1: dict[str, Any] = dict(htt_enabled=token_htt, ar_ssm_enabled=bool(ar_layers),
-                                      htt_phase_encoding=options.get("htt_phase_encoding", True),
-                                      use_gradient_checkpointing=False, checkpoint_ar_ssm=False)
-        if token_htt:
-            phase1["htt_rank"] = _shape(state, f"{p}token_embedding.core1")[2]
-            phase1["htt_position_embedding"] = f"{p}position_embedding.core1" in state
-        if ar_layers:
-            first = f"{p}blocks.{ar_layers[0]}.ar_ssm"
-            max_rank = _shape(state, f"{first}.U_proj.weight")[0]
-            min_rank = options.get("ar_ssm_min_rank") or min(4, max_rank)
-            phase1.update(ar_ssm_max_rank=max_rank, ar_ssm_min_rank=min_rank,
-                          ar_ssm_gate_hidden_dim=_shape(state, f"{first}.complexity_gate.0.weight")[0],
-                          ar_ssm_layers=tuple(ar_layers),
-                          ar_ssm_local_conv=options.get("ar_ssm_local_conv", "causal"))
-        fields["phase1"] = Phase1Config(**phase1)
-    return ModelConfig(**fields)
-
-
-def model_from_torch_state(state: Mapping[str, np.ndarray], config: ModelConfig, layout: str) -> ResNetBK:
-    abstract = nnx.eval_shape(lambda: ResNetBK(config, rngs=nnx.Rngs(0)))
-    return load_state_into(abstract, state, model_key_map(config, PREFIXES[layout]), stacked_shapes_for(config))
+def state_dict_from_model(model: ResNetBK, layout: str | None = None) -> "OrderedDict[str, np.ndarray]":
+    """The torch state dict (keys, order, shapes, dtypes) of a ResNetBK in `layout` (default: baseline for a
+    baseline model, phase1_jax for a Phase 1 model)."""
+    layout = layout or default_layout(model.config)
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout {layout!r} is not one of {LAYOUTS}")
+    return state_from_module(model, key_map(model, PREFIXES[layout]))
 
 
 def import_torch(src: str | Path, out_dir: str | Path, *, allow_code: bool = False, overwrite: bool = False,
@@ -108,22 +53,15 @@ def import_torch(src: str | Path, out_dir: str | Path, *, allow_code: bool = Fal
     state = load_state_dict(src, allow_code=allow_code)
     layout = detect_layout(state)
     config = infer_model_config(state, layout, **options)
-    model = model_from_torch_state(state, config, layout)
+    model = model_from_state_dict(state, config, layout=layout)
     _, params, buffers = split_model(model)
     path = save_checkpoint(out_dir, RunConfig(model=config), params, buffers, overwrite=overwrite,
                            extra_meta={"torch_layout": layout, "imported_from": str(Path(src).absolute())})
     return path, config, layout
 
 
-def export_state_dict(model: ResNetBK, layout: str | None = None) -> "OrderedDict[str, np.ndarray]":
-    layout = layout or ("baseline" if model.config.phase1 is None else "phase1_jax")
-    if layout not in LAYOUTS:
-        raise ValueError(f"layout {layout!r} is not one of {LAYOUTS}")
-    return state_from_module(model, model_key_map(model.config, PREFIXES[layout]))
-
-
 def export_torch(ckpt_dir: str | Path, out: str | Path, *, fmt: str | None = None) -> Path:
     """Writes the checkpoint as a plain torch state dict (the layout it was imported from, if any)."""
     _, model = load_checkpoint(ckpt_dir)
     layout = read_meta(ckpt_dir).get("torch_layout")
-    return save_state_dict(export_state_dict(model, layout), out, fmt=fmt)
+    return save_state_dict(state_dict_from_model(model, layout), out, fmt=fmt)

@@ -28,7 +28,8 @@ from flax import nnx
 from phase1_jax.errors import CheckpointError, InputValidationError
 from phase1_jax.models.common import split_model
 
-from .nnx_bridge import ar_ssm_key_map, htt_key_map, load_state_into
+from .key_map import key_map
+from .state_dict import load_state_into, trees_to_state_dict
 
 Outputs = dict[str, np.ndarray]
 
@@ -49,8 +50,7 @@ def _state(case_dir: Path):
 def run_baseline(case: dict, case_dir: Path, inputs: dict[str, np.ndarray], checkpoint: Path | None = None) -> Outputs:
     from phase1_jax.train import cross_entropy
 
-    from .resnet_bk import model_from_state_dict
-    from .state_dict import model_key_map, trees_to_state_dict
+    from .bridge import model_from_state_dict
 
     ctor = dict(case.get("constructor", {}))
     if "dropout_p" in ctor:
@@ -87,11 +87,9 @@ def run_baseline(case: dict, case_dir: Path, inputs: dict[str, np.ndarray], chec
     if grads is not None:
         trees = {"params": jax.tree_util.tree_map(np.asarray, nnx.to_pure_dict(grads)),
                  "buffers": jax.tree_util.tree_map(np.asarray, nnx.to_pure_dict(buffers))}
-        full = trees_to_state_dict(trees, model_key_map(model.config))
         # Parameters only (buffers get no gradient). With top_k = 1 the gating network's gradient is exactly 0,
         # as in the reference.
-        param_keys = {m.torch_key for m in model_key_map(model.config) if m.jax_path.startswith("params.")}
-        out["grads"] = {k: v for k, v in full.items() if k in param_keys}
+        out["grads"] = dict(trees_to_state_dict(trees, key_map(model).parameter_rows()))
     return out
 
 
@@ -102,7 +100,7 @@ def run_htt(case: dict, case_dir: Path, inputs: dict[str, np.ndarray]) -> Output
     kwargs = {k: ctor[k] for k in ("rank", "num_cores", "phase_encoding", "init_scale") if k in ctor}
     emb = nnx.eval_shape(lambda: HolographicTTEmbedding(ctor["vocab_size"], ctor["d_model"], **kwargs,
                                                          rngs=nnx.Rngs(0)))
-    emb = load_state_into(emb, _state(case_dir), htt_key_map("", "", emb))
+    emb = load_state_into(emb, _state(case_dir), key_map(emb))
     ids = np.asarray(inputs["ids"])
     if ids.min() < 0 or ids.max() >= ctor["vocab_size"]:
         raise InputValidationError(f"{case_dir}: ids outside [0, {ctor['vocab_size']})")
@@ -116,8 +114,7 @@ def run_ar_ssm(case: dict, case_dir: Path, inputs: dict[str, np.ndarray]) -> Out
     current = ctor.pop("current_max_rank", None)
     kwargs = {k: ctor[k] for k in ("max_rank", "min_rank", "gate_hidden_dim", "l1_regularization") if k in ctor}
     layer = AdaptiveRankSemiseparableLayer(ctor["d_model"], **kwargs, local_conv="centered", rngs=nnx.Rngs(0))
-    layer = load_state_into(layer, _state(case_dir),
-                            ar_ssm_key_map("", "", layer))
+    layer = load_state_into(layer, _state(case_dir), key_map(layer))
     if current is not None:
         layer.set_rank(current)
     y, aux = nnx.jit(lambda m, x: m(x, return_gates=True))(layer, jnp.asarray(inputs["x"], jnp.float32))

@@ -9,10 +9,14 @@ zero-initialised residual branch.
 
 convert_from_phase1: HTT tables are expanded to dense embeddings exactly; AR-SSM layers are only dropped when
 asked (`drop_ar_ssm=True`), and the report says how much the outputs change.
+
+Both work on models; `convert_checkpoint_to_phase1` / `convert_checkpoint_from_phase1` (the `convert-to-phase1` /
+`convert-from-phase1` commands) read a checkpoint, convert it and write the result with the report in meta.json.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -21,12 +25,14 @@ import numpy as np
 import optax
 from flax import nnx
 
-from phase1_jax.config import ModelConfig
+from phase1_jax.checkpoint import load_checkpoint, load_run_tokenizer, read_meta, save_checkpoint
+from phase1_jax.config import ModelConfig, RunConfig
 from phase1_jax.errors import InvalidConfigError
 from phase1_jax.models.common import split_model
 from phase1_jax.models.htt import HolographicTTEmbedding
 from phase1_jax.models.resnet_bk import ResNetBK
-from phase1_jax.phase1_config import Phase1Config
+from phase1_jax.phase1_config import Phase1Config, get_preset_config
+from phase1_jax.tokenizer import tokenizer_files
 
 
 def _flat(tree) -> dict[str, Any]:
@@ -135,3 +141,40 @@ def convert_from_phase1(model: ResNetBK, *, drop_ar_ssm: bool = False, seed: int
     ids = _probe_ids(model.config) if probe_ids is None else probe_ids
     report["logit_difference"] = _logit_difference(model, baseline, ids)
     return baseline, report
+
+
+def _save_converted(out_dir: str | Path, source: RunConfig, model: ResNetBK, meta: dict,
+                    source_dir: str | Path) -> Path:
+    """Saves a converted model with the source run's training and data sections and its tokenizer (the
+    vocabulary is unchanged by a conversion)."""
+    _, params, buffers = split_model(model)
+    config = type(source)(model=model.config, training=source.training, data=source.data)
+    tokenizer = load_run_tokenizer(source_dir)
+    return save_checkpoint(out_dir, config, params, buffers, extra_meta=dict(meta, tokenizer=tokenizer.describe()),
+                           extra_files=tokenizer_files(tokenizer))
+
+
+def convert_checkpoint_to_phase1(checkpoint: str | Path, out_dir: str | Path, *, preset: str | None = None,
+                                 numerics: str | None = None, **phase1_changes: Any) -> tuple[Path, dict]:
+    """Baseline checkpoint -> Phase 1 checkpoint. The Phase 1 config is `preset` (default: Phase1Config()) with
+    `phase1_changes` applied; `numerics` replaces the model's. Returns (path, report)."""
+    config, model = load_checkpoint(checkpoint)
+    phase1 = get_preset_config(preset) if preset else Phase1Config()
+    if phase1_changes:
+        phase1 = phase1.replace(**phase1_changes)
+    model_changes = {"numerics": numerics} if numerics else {}
+    converted, report = convert_to_phase1(model, phase1, **model_changes)
+    meta = {"conversion": "to_phase1", "conversion_report": report, "converted_from": str(checkpoint)}
+    layout = read_meta(checkpoint).get("torch_layout")
+    if layout:
+        meta["source_torch_layout"] = layout
+    return _save_converted(out_dir, config, converted, meta, checkpoint), report
+
+
+def convert_checkpoint_from_phase1(checkpoint: str | Path, out_dir: str | Path, *,
+                                   drop_ar_ssm: bool = False) -> tuple[Path, dict]:
+    """Phase 1 checkpoint -> baseline checkpoint. Returns (path, report)."""
+    config, model = load_checkpoint(checkpoint)
+    baseline, report = convert_from_phase1(model, drop_ar_ssm=drop_ar_ssm)
+    meta = {"conversion": "from_phase1", "conversion_report": report, "converted_from": str(checkpoint)}
+    return _save_converted(out_dir, config, baseline, meta, checkpoint), report

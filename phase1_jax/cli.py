@@ -154,48 +154,20 @@ def _print_report(report: dict) -> None:
 
 
 def cmd_convert_to_phase1(args: argparse.Namespace) -> int:
-    from .checkpoint import load_checkpoint, load_run_tokenizer, read_meta, save_checkpoint
-    from .converters.phase1_conversion import convert_to_phase1
-    from .models.common import split_model
-    from .phase1_config import Phase1Config, get_preset_config
-    from .tokenizer import tokenizer_files
+    from .converters.phase1_conversion import convert_checkpoint_to_phase1
 
-    config, model = load_checkpoint(args.checkpoint)
-    tokenizer = load_run_tokenizer(args.checkpoint)  # the vocabulary is unchanged: keep its tokenizer
-    phase1 = get_preset_config(args.preset) if args.preset else Phase1Config()
     changes = {k: v for k, v in dict(htt_rank=args.htt_rank, ar_ssm_max_rank=args.ar_ssm_max_rank,
                                      ar_ssm_min_rank=args.ar_ssm_min_rank).items() if v is not None}
-    if changes:
-        phase1 = phase1.replace(**changes)
-    model_changes = {"numerics": args.numerics} if args.numerics else {}
-    converted, report = convert_to_phase1(model, phase1, **model_changes)
-    _, params, buffers = split_model(converted)
-    meta = {"conversion": "to_phase1", "conversion_report": report, "converted_from": str(args.checkpoint),
-            "tokenizer": tokenizer.describe()}
-    layout = read_meta(args.checkpoint).get("torch_layout")
-    if layout:
-        meta["source_torch_layout"] = layout
-    save_checkpoint(args.out_dir, type(config)(model=converted.config, training=config.training, data=config.data),
-                    params, buffers, extra_meta=meta, extra_files=tokenizer_files(tokenizer))
+    _, report = convert_checkpoint_to_phase1(args.checkpoint, args.out_dir, preset=args.preset,
+                                             numerics=args.numerics, **changes)
     _print_report(report)
     return 0
 
 
 def cmd_convert_from_phase1(args: argparse.Namespace) -> int:
-    from .checkpoint import load_checkpoint, load_run_tokenizer, save_checkpoint
-    from .converters.phase1_conversion import convert_from_phase1
-    from .models.common import split_model
-    from .tokenizer import tokenizer_files
+    from .converters.phase1_conversion import convert_checkpoint_from_phase1
 
-    config, model = load_checkpoint(args.checkpoint)
-    tokenizer = load_run_tokenizer(args.checkpoint)  # the vocabulary is unchanged: keep its tokenizer
-    baseline, report = convert_from_phase1(model, drop_ar_ssm=args.drop_ar_ssm)
-    _, params, buffers = split_model(baseline)
-    save_checkpoint(args.out_dir, type(config)(model=baseline.config, training=config.training, data=config.data),
-                    params, buffers, extra_meta={"conversion": "from_phase1", "conversion_report": report,
-                                                 "converted_from": str(args.checkpoint),
-                                                 "tokenizer": tokenizer.describe()},
-                    extra_files=tokenizer_files(tokenizer))
+    _, report = convert_checkpoint_from_phase1(args.checkpoint, args.out_dir, drop_ar_ssm=args.drop_ar_ssm)
     _print_report(report)
     return 0
 

@@ -10,8 +10,9 @@ import pytest
 from flax import nnx
 
 from conftest import GOLDEN_DIR, golden_cases
-from phase1_jax.converters.resnet_bk import model_from_state_dict
-from phase1_jax.converters.state_dict import model_key_map, trees_to_state_dict
+from phase1_jax.converters.bridge import model_from_state_dict
+from phase1_jax.converters.key_map import model_key_map
+from phase1_jax.converters.state_dict import trees_to_state_dict
 from phase1_jax.converters.torch_io import load_state_dict
 from phase1_jax.train import cross_entropy, split_model
 

@@ -217,7 +217,7 @@ def test_past_the_overflow_cliff_through_the_cli(tmp_path):
     from flax import nnx
 
     from phase1_jax.config import ModelConfig
-    from phase1_jax.converters.resnet_bk import state_dict_from_model
+    from phase1_jax.converters.bridge import state_dict_from_model
     from phase1_jax.converters.torch_io import numpy_to_tensor
     from phase1_jax.converters.torch_twins import build_torch_twin
     from phase1_jax.models.resnet_bk import ResNetBK
@@ -240,3 +240,41 @@ def test_past_the_overflow_cliff_through_the_cli(tmp_path):
     np.testing.assert_allclose(np.load(tmp_path / "l.npy"), expected, atol=1e-5, rtol=0)
     _, aux = jax.jit(lambda m, x: m.forward(x))(model, ids)
     assert not np.any(np.asarray(aux["blocks"][0]["bk_features"]))  # the cliff: every feature is 0
+
+
+def test_phase1_export_with_ar_ssm_imports_back(tmp_path):
+    """export-torch's own Phase 1 layout (HTT cores, `blocks.{i}.ar_ssm.*`) imports back: the AR-SSM rank, which
+    no state dict stores, starts at max_rank, and the logits and the re-export are exact."""
+    import jax
+    from flax import nnx
+
+    from phase1_jax.checkpoint import load_checkpoint
+    from phase1_jax.config import ModelConfig
+    from phase1_jax.converters.bridge import state_dict_from_model
+    from phase1_jax.converters.torch_io import numpy_to_tensor
+    from phase1_jax.models.resnet_bk import ResNetBK
+    from phase1_jax.phase1_config import Phase1Config
+
+    phase1 = Phase1Config(ar_ssm_max_rank=6, ar_ssm_min_rank=2, htt_rank=4, ar_ssm_layers=(1,),
+                          use_gradient_checkpointing=False, checkpoint_ar_ssm=False)
+    config = ModelConfig(vocab_size=40, d_model=16, n_layers=2, n_seq=20, num_experts=2, numerics="native",
+                         phase1=phase1)
+    model = ResNetBK(config, rngs=nnx.Rngs(3))
+    layer = model.blocks[1].ar_ssm
+    layer.output_proj.kernel[...] = layer.output_proj.kernel[...] + 0.5  # a branch that changes the logits
+    state = OrderedDict((k, numpy_to_tensor(v)) for k, v in state_dict_from_model(model).items())
+    torch.save(state, tmp_path / "p1.pt")
+    assert _cli("import-torch", tmp_path / "p1.pt", tmp_path / "ckpt", "--numerics", "native",
+                "--ar-ssm-min-rank", "2") == 0
+    assert json.loads((tmp_path / "ckpt" / "meta.json").read_text())["torch_layout"] == "phase1_jax"
+    imported_config, imported = load_checkpoint(tmp_path / "ckpt")
+    # The shapes give the gate's hidden size, which the source config left to its default, max(d // 4, min_rank).
+    assert imported_config.model == config.replace(phase1=phase1.replace(ar_ssm_gate_hidden_dim=4))
+    assert int(imported.blocks[1].ar_ssm.current_max_rank[...]) == 6
+    ids = np.random.default_rng(0).integers(0, 40, size=(2, 20))
+    np.save(tmp_path / "ids.npy", ids)
+    assert _cli("logits", tmp_path / "ckpt", "--ids", tmp_path / "ids.npy", "--out", tmp_path / "l.npy") == 0
+    expected = jax.jit(lambda m, x: m(x, inference=True))(model, ids)  # as the logits command computes them
+    np.testing.assert_array_equal(np.load(tmp_path / "l.npy"), np.asarray(expected))
+    assert _cli("export-torch", tmp_path / "ckpt", tmp_path / "back.pt") == 0
+    _assert_identical(state, torch.load(tmp_path / "back.pt", weights_only=True))

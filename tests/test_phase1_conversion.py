@@ -106,3 +106,33 @@ def test_cli_round_trip(tmp_path):
         assert main(["logits", str(tmp_path / name), "--ids", str(tmp_path / "ids.npy"),
                      "--out", str(tmp_path / f"{name}.npy")]) == 0
     np.testing.assert_allclose(np.load(tmp_path / "p1.npy"), np.load(tmp_path / "back.npy"), atol=1e-5)
+
+
+def test_checkpoint_conversion_records_its_source(tmp_path):
+    """convert_checkpoint_to/from_phase1 keep training/data, apply the preset, changes and numerics, and write the
+    report, the source and (for an imported checkpoint) its torch layout into meta.json."""
+    from phase1_jax.checkpoint import load_checkpoint, save_checkpoint
+    from phase1_jax.config import DataConfig, RunConfig
+    from phase1_jax.converters.phase1_conversion import (convert_checkpoint_from_phase1,
+                                                         convert_checkpoint_to_phase1)
+
+    model = _trained_like(BASE.replace(numerics="reference", n_seq=8))
+    _, params, buffers = split_model(model)
+    source = RunConfig(model=model.config, training=TrainConfig(steps=7), data=DataConfig(val_fraction=0.1))
+    save_checkpoint(tmp_path / "base", source, params, buffers, extra_meta={"torch_layout": "baseline"})
+    path, report = convert_checkpoint_to_phase1(tmp_path / "base", tmp_path / "p1", preset="8gb", numerics="native",
+                                                ar_ssm_max_rank=4, ar_ssm_min_rank=2)
+    meta = json.loads((path / "meta.json").read_text())
+    assert meta["conversion"] == "to_phase1" and meta["converted_from"] == str(tmp_path / "base")
+    assert meta["source_torch_layout"] == "baseline" and meta["conversion_report"] == json.loads(json.dumps(report))
+    config, converted = load_checkpoint(path)
+    assert config.training == source.training and config.data == source.data
+    assert config.model.numerics == "native" and config.model.phase1.htt_rank == 8  # the 8gb preset's rank
+    assert converted.blocks[0].ar_ssm.max_rank == 4
+    assert "logit_difference" not in report  # numerics changed: the two models compute different functions
+
+    path, report = convert_checkpoint_from_phase1(path, tmp_path / "back", drop_ar_ssm=True)
+    meta = json.loads((path / "meta.json").read_text())
+    assert meta["conversion"] == "from_phase1" and meta["converted_from"] == str(tmp_path / "p1")
+    assert "source_torch_layout" not in meta and report["dropped_ar_ssm_blocks"] == [0, 1]
+    assert load_checkpoint(path)[0].model.phase1 is None

@@ -11,8 +11,8 @@ from flax import nnx
 
 from conftest import GOLDEN_DIR
 from phase1_jax.config import ModelConfig
-from phase1_jax.converters.resnet_bk import state_dict_from_model
-from phase1_jax.converters.state_dict import model_key_map
+from phase1_jax.converters.bridge import state_dict_from_model
+from phase1_jax.converters.key_map import model_key_map
 from phase1_jax.converters.torch_io import numpy_to_tensor, tensor_to_numpy
 from phase1_jax.converters.torch_twins import (
     bidirectional_resolvent_diagonal,
@@ -128,6 +128,14 @@ def test_twin_matches_jax_model(name):
     for key, value in twin.state_dict().items():
         if key.endswith("scattering_step_counter"):
             assert torch.equal(value, exported[key])
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_parameter_rows_follow_torch_parameter_order(name):
+    """The order a torch optimizer's state is indexed by, and the golden runner's gradient keys."""
+    config, _ = CASES[name]
+    twin_order = [key for key, _ in build_torch_twin(config).named_parameters()]
+    assert twin_order == [m.torch_key for m in model_key_map(config).parameter_rows()]
 
 
 def test_reference_twin_reproduces_golden_baseline():
