@@ -100,7 +100,9 @@ def default_rows(presets: list[str], ablations: bool = True) -> list[Row]:
         if name == "8gb" and ablations:
             rows += [Row("8gb, monitoring off", name, (("stability_monitoring_enabled", False),),
                          loss_chunk_tokens=chunk, note="ablation: the in-step stability metrics' cost"),
-                     Row("8gb + remat", name, (("use_gradient_checkpointing", True),), loss_chunk_tokens=chunk,
+                     Row("8gb, experts stored", name, (("checkpoint_expert_hidden", False),),
+                         loss_chunk_tokens=chunk, note="ablation: what recomputing the experts' hidden layers buys"),
+                     Row("8gb + block remat", name, (("use_gradient_checkpointing", True),), loss_chunk_tokens=chunk,
                          note="ablation: per-block rematerialisation"),
                      Row("8gb, dense experts", name, (("expert_rank_ratio", None),), loss_chunk_tokens=chunk,
                          note="ablation: what low-rank experts buy")]

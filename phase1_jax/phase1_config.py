@@ -90,6 +90,9 @@ class Phase1Config:
     # None: dense experts (d -> 2d -> d). A ratio rho: each expert matrix W (m x n) is a product of two factors
     # through rank round(rho * d_model), which divides the experts' parameters and FLOPs alike.
     expert_rank_ratio: float | None = None
+    # Recompute each expert's hidden layer (T x E x 2d, the widest activation) in the backward pass instead of
+    # storing it: most of block rematerialisation's memory saving for a fraction of its recomputation.
+    checkpoint_expert_hidden: bool = False
 
     # ------------------------------------------------------------------ validation
     def __post_init__(self) -> None:
@@ -322,6 +325,7 @@ _FIELD_KINDS: Mapping[str, str] = MappingProxyType({
     "lns_algorithm": "str",
     "lm_head": "str",
     "expert_rank_ratio": "optional_float",
+    "checkpoint_expert_hidden": "bool",
 })
 
 assert tuple(_FIELD_KINDS) == tuple(f.name for f in dataclasses.fields(Phase1Config)), "field table out of date"
@@ -340,13 +344,15 @@ def _preset(description: str, **overrides: Any) -> tuple[str, Phase1Config]:
 _PRESET_TABLE = {
     # The memory presets (8gb, 10gb, max_efficiency) differ from the reference's table (§2.10) on purpose: the HTT
     # head tied to the embedding (the V x D head is the largest matrix left otherwise), and for 8gb and
-    # max_efficiency low-rank experts; 8gb drops per-block rematerialisation, which the H200 measurement in
-    # docs/perf/PHASE1.md found costs more time than its memory is worth once the head and experts are compressed.
+    # max_efficiency low-rank experts; 8gb recomputes only the experts' hidden layers instead of whole blocks:
+    # on the H200 (docs/perf/PHASE1.md, run 2) block remat cost 7 % of the step at the §6.2 shape.
     "8gb": _preset(
-        "8 GB cards (e.g. RTX 3080 Mobile): maximum compression (tied HTT head, low-rank experts), no remat",
+        "8 GB cards (e.g. RTX 3080 Mobile): maximum compression (tied HTT head, low-rank experts), experts' "
+        "hidden layers recomputed",
         ar_ssm_max_rank=16, ar_ssm_min_rank=4, ar_ssm_l1_regularization=0.01, htt_rank=8,
         htt_compression_target=0.05, use_gradient_checkpointing=False, checkpoint_ar_ssm=True,
-        target_vram_gb=8.0, target_ppl_degradation=0.05, lm_head="htt_tied", expert_rank_ratio=0.25),
+        target_vram_gb=8.0, target_ppl_degradation=0.05, lm_head="htt_tied", expert_rank_ratio=0.25,
+        checkpoint_expert_hidden=True),
     "10gb": _preset(
         "10 GB cards (e.g. RTX 3080): balanced compression (tied HTT head), checkpointing on",
         ar_ssm_max_rank=32, ar_ssm_min_rank=4, ar_ssm_l1_regularization=0.001, htt_rank=16,

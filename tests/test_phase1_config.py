@@ -39,9 +39,11 @@ COMMON = dict(ar_ssm_enabled=True, htt_enabled=True, htt_phase_encoding=True, st
               lns_block_size_n=128, lns_block_size_k=32, lns_use_max_log=True, stability_threshold=1e-6,
               schatten_s1_bound=100.0, schatten_s2_bound=50.0, gradient_norm_threshold=10.0, checkpoint_htt=False)
 OURS = dict(ar_ssm_layers=None, ar_ssm_local_conv="causal", ar_ssm_rank_warmup_steps=1000,
-            htt_position_embedding=False, lns_algorithm="max_log", lm_head="dense", expert_rank_ratio=None)
+            htt_position_embedding=False, lns_algorithm="max_log", lm_head="dense", expert_rank_ratio=None,
+            checkpoint_expert_hidden=False)
 # Our memory presets compress the head (and, for the two smallest, the experts): the efficiency issue's choices.
-OURS_BY_PRESET = {"8gb": dict(lm_head="htt_tied", expert_rank_ratio=0.25), "10gb": dict(lm_head="htt_tied"),
+OURS_BY_PRESET = {"8gb": dict(lm_head="htt_tied", expert_rank_ratio=0.25, checkpoint_expert_hidden=True),
+                  "10gb": dict(lm_head="htt_tied"),
                   "max_efficiency": dict(lm_head="htt_tied", expert_rank_ratio=0.125)}
 
 INT_FIELDS = {"ar_ssm_max_rank", "ar_ssm_min_rank", "htt_rank", "htt_num_cores", "lns_block_size_m",
@@ -131,7 +133,8 @@ def test_other_constructors():
     assert_column(Phase1Config.for_maximum_efficiency(), "for_maximum_efficiency")
     # the "8gb" preset and for_hardware(8) differ in the L1 strength (§2.9) and in our compression choices
     diff = {k for k, v in get_preset_config("8gb").to_dict().items() if Phase1Config.for_hardware(8).to_dict()[k] != v}
-    assert diff == {"ar_ssm_l1_regularization", "use_gradient_checkpointing", "lm_head", "expert_rank_ratio"}
+    assert diff == {"ar_ssm_l1_regularization", "use_gradient_checkpointing", "lm_head", "expert_rank_ratio",
+                    "checkpoint_expert_hidden"}
 
 
 @pytest.mark.parametrize("field, value", [

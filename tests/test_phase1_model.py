@@ -204,3 +204,22 @@ def test_parameter_breakdown_places_every_parameter():
     assert sum(counts[p] for p in parts) == counts["total"]
     assert counts["lm_head"] == SMALL["vocab_size"]  # the tied head's bias only
     assert counts["embeddings_and_head"] == counts["token_embedding"] + counts["position_embedding"] + counts["lm_head"]
+
+
+def test_recomputing_the_experts_hidden_layers_changes_no_number():
+    ids = jax.random.randint(jax.random.key(4), (3, SMALL["n_seq"] + 1), 0, SMALL["vocab_size"])
+    batch = Batch(inputs=ids[:, :-1], targets=ids[:, 1:])
+    cfg = TrainConfig(batch_size=3, steps=3, warmup_steps=0)
+    for ratio in (None, 0.5):
+        runs = []
+        for recompute in (False, True):
+            model = create_phase1_model(phase1=P1.replace(expert_rank_ratio=ratio, checkpoint_expert_hidden=recompute),
+                                        **dict(SMALL, dropout=0.2))
+            graphdef, state, optimizer = create_train_state(model, cfg)
+            step = make_train_step(graphdef, optimizer, model.config, cfg)
+            for _ in range(2):
+                state, metrics = step(state, batch)
+            runs.append((float(metrics["loss"]), jax.tree_util.tree_leaves(state.params)))
+        assert runs[0][0] == pytest.approx(runs[1][0], rel=1e-6)
+        for a, b in zip(runs[0][1], runs[1][1]):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)

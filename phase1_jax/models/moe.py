@@ -36,7 +36,7 @@ class SparseMoE(nnx.Module):
 
     def __init__(self, d_model: int, num_experts: int, top_k: int, dropout: float, *, scattering_scale: float,
                  scattering_scale_warmup_steps: int, use_scattering: bool, rngs: nnx.Rngs,
-                 expert_rank: int | None = None):
+                 expert_rank: int | None = None, checkpoint_hidden: bool = False):
         hidden = 2 * d_model
         self.num_experts = num_experts
         self.top_k = top_k
@@ -48,6 +48,7 @@ class SparseMoE(nnx.Module):
         # xavier_uniform_ on each (out, in) weight.
         init = jax.nn.initializers.glorot_uniform(in_axis=-2, out_axis=-1, batch_axis=(0,))
         self.expert_rank = expert_rank
+        self.checkpoint_hidden = checkpoint_hidden
         if expert_rank is None:
             self.w1 = nnx.Param(init(rngs.params(), (num_experts, d_model, hidden)))
             self.w2 = nnx.Param(init(rngs.params(), (num_experts, hidden, d_model)))
@@ -84,15 +85,6 @@ class SparseMoE(nnx.Module):
         entropy = jnp.mean(-jnp.sum(probs * jnp.log(jnp.maximum(probs, 1e-8)), axis=-1))
         return weights, entropy
 
-    def _expert_matmul(self, x: jax.Array, name: str, spec: str) -> jax.Array:
-        """x times every expert's matrix `name` (w1 or w2), dense or through its low-rank factors."""
-        if self.expert_rank is None:
-            return jnp.einsum(spec, x, getattr(self, name)[...])
-        a, b = getattr(self, f"{name}_a")[...], getattr(self, f"{name}_b")[...]
-        if x.ndim == 2:  # (T, m): every expert sees the same tokens
-            return jnp.einsum("ekn,tek->ten", b, jnp.einsum("tm,emk->tek", x, a))
-        return jnp.einsum("ekn,tek->ten", b, jnp.einsum("tem,emk->tek", x, a))
-
     def dense_expert_weights(self) -> dict[str, jax.Array]:
         """{"w1", "w2"} as dense (E, m, n) arrays (products of the factors for low-rank experts)."""
         if self.expert_rank is None:
@@ -100,14 +92,43 @@ class SparseMoE(nnx.Module):
         return {name: jnp.einsum("emk,ekn->emn", getattr(self, f"{name}_a")[...], getattr(self, f"{name}_b")[...],
                                  precision=jax.lax.Precision.HIGHEST) for name in ("w1", "w2")}
 
+    def _activate(self, pre: jax.Array, dropout_rng: jax.Array | None) -> jax.Array:
+        hidden = jax.nn.relu(pre)
+        if dropout_rng is not None and self.dropout > 0:
+            keep = jax.random.bernoulli(dropout_rng, 1.0 - self.dropout, hidden.shape)
+            hidden = jnp.where(keep, hidden / (1.0 - self.dropout), 0.0).astype(hidden.dtype)
+        return hidden
+
+    def _experts(self, x_flat: jax.Array, dropout_rng: jax.Array | None) -> jax.Array:
+        """Every expert's output (T, E, d) for every token.
+
+        The widest activations are each expert's hidden layer (T, E, 2d) and output (T, E, d). With
+        `checkpoint_hidden` both are recomputed in the backward pass rather than stored: for dense experts from
+        the saved input (one more expert forward), for low-rank experts from the saved (T, E, k) projection x·A1
+        (5/6 of an expert forward).
+        """
+        remat = jax.checkpoint if self.checkpoint_hidden else (lambda f: f)
+        b1, b2 = self.b1[...], self.b2[...]
+        if self.expert_rank is None:
+            @remat
+            def ffn(x, w1, b1, w2, b2, rng):
+                hidden = self._activate(jnp.einsum("td,edh->teh", x, w1) + b1, rng)
+                return jnp.einsum("teh,ehd->ted", hidden, w2) + b2
+
+            return ffn(x_flat, self.w1[...], b1, self.w2[...], b2, dropout_rng)
+
+        @remat
+        def rest(u, w1_b, b1, w2_a, w2_b, b2, rng):
+            hidden = self._activate(jnp.einsum("tek,ekh->teh", u, w1_b) + b1, rng)
+            return jnp.einsum("tek,ekd->ted", jnp.einsum("teh,ehk->tek", hidden, w2_a), w2_b) + b2
+
+        u = jnp.einsum("td,edk->tek", x_flat, self.w1_a[...])
+        return rest(u, self.w1_b[...], b1, self.w2_a[...], self.w2_b[...], b2, dropout_rng)
+
     def __call__(self, x: jax.Array, *, dropout_rng: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
         batch, length, d_model = x.shape
         x_flat = x.reshape(batch * length, d_model)
         weights, entropy = self.routing_weights(x_flat)
-        hidden = jax.nn.relu(self._expert_matmul(x_flat, "w1", "td,edh->teh") + self.b1[...])
-        if dropout_rng is not None and self.dropout > 0:
-            keep = jax.random.bernoulli(dropout_rng, 1.0 - self.dropout, hidden.shape)
-            hidden = jnp.where(keep, hidden / (1.0 - self.dropout), 0.0).astype(hidden.dtype)
-        expert_out = self._expert_matmul(hidden, "w2", "teh,ehd->ted") + self.b2[...]
+        expert_out = self._experts(x_flat, dropout_rng)
         y = jnp.einsum("te,ted->td", weights.astype(expert_out.dtype), expert_out)
         return y.reshape(batch, length, d_model), entropy

@@ -86,7 +86,8 @@ class MoEResNetBKLayer(nnx.Module):
                                  scattering_scale=config.scattering_scale,
                                  scattering_scale_warmup_steps=config.scattering_scale_warmup_steps,
                                  use_scattering=config.numerics == "reference", rngs=rngs,
-                                 expert_rank=expert_rank(config))
+                                 expert_rank=expert_rank(config),
+                                 checkpoint_hidden=config.phase1 is not None and config.phase1.checkpoint_expert_hidden)
         self.v_proj = nnx.Linear(d, 1, kernel_init=glorot_uniform, bias_init=zeros, rngs=rngs)
         self.output_proj = nnx.Linear(2, d, kernel_init=glorot_uniform, bias_init=zeros, rngs=rngs)
 
