@@ -385,7 +385,7 @@ def _capped_worker(spec: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def capped(shape: Shape, rows: list[Row], rounds: int, steps_per_round: int, smoke: bool) -> list[dict[str, Any]]:
+def capped(shape: Shape, rows: list[Row], rounds: int, steps_per_round: int, on_row=None) -> list[dict[str, Any]]:
     """One fresh process per model, its device memory capped at the preset's target_vram_gb (8 GiB baseline)."""
     results = []
     total = None
@@ -414,6 +414,8 @@ def capped(shape: Shape, rows: list[Row], rounds: int, steps_per_round: int, smo
         result["seconds"] = time.perf_counter() - start
         result["capped"] = bool(total)
         results.append(result)
+        if on_row is not None:
+            on_row(results)
         print(f"  {row.label:26s} cap {cap / GIB:.1f} GiB: predicted largest batch "
               f"{result['planner']['predicted_largest_batch']}, ran {result.get('largest_batch')}, "
               f"{result.get('tokens_per_s', float('nan')):,.0f} tok/s, measured peak "
@@ -428,7 +430,7 @@ def capped(shape: Shape, rows: list[Row], rounds: int, steps_per_round: int, smo
 # ------------------------------------------------------------------------------------------ perplexity
 
 def perplexity(shape: Shape, rows: list[Row], tokens_target: int, vocab_size: int, eval_points: int,
-               learning_rate: float, smoke: bool) -> dict[str, Any]:
+               learning_rate: float, on_row=None) -> dict[str, Any]:
     """Train each row on the same BPE-tokenised embedded-corpus batches; validation perplexity along the way."""
     from .data import BatchIterator, embedded_corpus_bytes, eval_batches, split_text
     from .tokenizer import BPETokenizer
@@ -478,6 +480,8 @@ def perplexity(shape: Shape, rows: list[Row], tokens_target: int, vocab_size: in
         print(f"  {row.label:26s} final val loss {final:.4f} (ppl {math.exp(final):.2f}), best {best:.4f} "
               f"(ppl {math.exp(best):.2f}), {seconds:.0f}s", flush=True)
         del state, step_fn
+        if on_row is not None:
+            on_row(out)
     base = out["rows"][0]
     for r in out["rows"]:
         r["final_ppl_vs_baseline"] = r["final_val_ppl"] / base["final_val_ppl"]
@@ -650,17 +654,24 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         save()
         result["throughput"]["rows"] = throughput(shape, rows, rounds, steps_per_round)
         save()
-    if "capped" in parts:
-        print("[capped] each model in its own memory-capped process", flush=True)
-        capped_rows = [rows[0]] + [r for r in rows if r.preset == "8gb" and r.label == "8gb"]
-        result["capped"] = capped(shape, capped_rows, max(2, rounds // 2), steps_per_round, args.smoke)
-        save()
-    if "perplexity" in parts:
-        print(f"[perplexity] {ppl_tokens:,} tokens per model", flush=True)
-        ppl_rows = [rows[0]] + [r for r in rows if r.label == "8gb"]
-        result["perplexity"] = perplexity(ppl_shape, ppl_rows, ppl_tokens, ppl_vocab, eval_points, args.ppl_lr,
-                                          args.smoke)
-        save()
+    for part in parts:
+        if part == "capped":
+            print("[capped] each model in its own memory-capped process", flush=True)
+            capped_rows = [rows[0]] + [r for r in rows if r.preset == "8gb" and r.label == "8gb"]
+            result["capped"] = capped(shape, capped_rows, max(2, rounds // 2), steps_per_round,
+                                      on_row=lambda rows_so_far: (result.__setitem__("capped", rows_so_far), save()))
+            save()
+        if part == "perplexity":
+            print(f"[perplexity] {ppl_tokens:,} tokens per model", flush=True)
+            ppl_rows = [rows[0]] + [r for r in rows if r.label == "8gb"]
+
+            def partial(out):  # a run stopped at a time limit keeps the rows it finished
+                result["perplexity"] = out
+                save()
+
+            result["perplexity"] = perplexity(ppl_shape, ppl_rows, ppl_tokens, ppl_vocab, eval_points, args.ppl_lr,
+                                              on_row=partial)
+            save()
     plot(result, png_path)
     print("\n" + markdown(result))
     print(f"wrote {json_path}, {md_path}, {png_path}")
