@@ -480,12 +480,11 @@ def perplexity(shape: Shape, rows: list[Row], tokens_target: int, vocab_size: in
         print(f"  {row.label:26s} final val loss {final:.4f} (ppl {math.exp(final):.2f}), best {best:.4f} "
               f"(ppl {math.exp(best):.2f}), {seconds:.0f}s", flush=True)
         del state, step_fn
+        base = out["rows"][0]
+        out["rows"][-1]["final_ppl_vs_baseline"] = out["rows"][-1]["final_val_ppl"] / base["final_val_ppl"]
+        out["rows"][-1]["best_ppl_vs_baseline"] = out["rows"][-1]["best_val_ppl"] / base["best_val_ppl"]
         if on_row is not None:
             on_row(out)
-    base = out["rows"][0]
-    for r in out["rows"]:
-        r["final_ppl_vs_baseline"] = r["final_val_ppl"] / base["final_val_ppl"]
-        r["best_ppl_vs_baseline"] = r["best_val_ppl"] / base["best_val_ppl"]
     return out
 
 
