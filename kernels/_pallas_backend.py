@@ -160,6 +160,34 @@ def store(ref_view, value, mask=None) -> None:
 program_id = pl.program_id
 
 
+def split_leading_ref(refs, present: bool):
+    """(refs[0], refs[1:]) for a kernel whose first input exists only in some configurations, else (None, refs)."""
+    return (refs[0], refs[1:]) if present else (None, refs)
+
+
+def columns(tile):
+    """(n, W) -> W arrays (n,), W a power of two: split by two-way unstacks, which is what the Triton lowering
+    supports (slicing a column out of a register tile is not)."""
+    n, width = tile.shape
+    if width == 1:
+        return [tile.reshape(n)]
+    even, odd = jax.lax.unstack(tile.reshape(n, width // 2, 2), axis=-1)
+    out = [None] * width
+    out[0::2] = columns(even)
+    out[1::2] = columns(odd)
+    return out
+
+
+def tile(cols):
+    """Inverse of `columns`: W arrays (n,) -> (n, W)."""
+    width = len(cols)
+    n = cols[0].shape[0]
+    if width == 1:
+        return cols[0].reshape(n, 1)
+    pair = jax.lax.stack([tile(cols[0::2]), tile(cols[1::2])], axis=-1)
+    return pair.reshape(n, width)
+
+
 def reciprocal(x, *, interpret: bool):
     """1 / x for float32, as one `rcp.approx.ftz.f32` in compiled kernels (the SFU's reciprocal: at most 1 ulp of
     error, subnormal inputs and results flushed to zero, 1/0 = inf). A float32 division in a Triton kernel is
