@@ -374,7 +374,7 @@ def bench_bk(copy_bw, quick, sweep):
 def bench_bk_reference(copy_bw, quick, sweep):
     """Reference numerics (imported PyTorch models): the XLA doubling-scan path against the Pallas kernel."""
     from phase1_jax.kernels.bk_scan import xla as bkx
-    from phase1_jax.kernels.bk_scan.pallas_reference import reference_mode_features_pallas
+    from phase1_jax.kernels.bk_scan.pallas_torch_parity import reference_mode_features_pallas
 
     for batch, n in [(2, 300)] if SMOKE else [(16, 2048), (16, 8192)]:
         shape = f"B={batch} N={n}"

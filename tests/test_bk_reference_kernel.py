@@ -1,4 +1,4 @@
-"""The reference-mode BK-Core kernel (`bk_scan/pallas_reference.py`) against the XLA reference-mode path.
+"""The torch-parity BK-Core kernel (`bk_scan/pallas_torch_parity.py`, reference numerics) against the XLA path.
 
 On a CPU the kernel runs in the Pallas interpreter (interpret=True); the tests at the end run the compiled Triton
 kernel and are skipped unless a CUDA GPU >= sm_80 is there. Small block sizes give every small case at least three
@@ -12,7 +12,7 @@ import pytest
 from phase1_jax.kernels import _pallas_backend
 from phase1_jax.kernels.bk_scan import bk_features, reference_heuristic_grad, reference_mode_forward_numpy, resolve, xla
 from phase1_jax.kernels.bk_scan.config import BkScanConfig
-from phase1_jax.kernels.bk_scan.pallas_reference import mobius_prefix_scan_pallas, reference_mode_features_pallas
+from phase1_jax.kernels.bk_scan.pallas_torch_parity import mobius_prefix_scan_pallas, reference_mode_features_pallas
 
 ON_GPU = jax.default_backend() == "gpu"
 INTERPRET = not ON_GPU

@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 
 from .. import _pallas_backend
-from . import pallas, pallas_reference, reference, xla
+from . import pallas, pallas_torch_parity, reference, xla
 
 NUMERICS = ("reference", "native")
 DIRECTIONS = ("causal", "bidirectional")
@@ -20,8 +20,8 @@ def default_implementation(numerics: str = "native") -> str:
     On a CPU the sequential lax.scan is 20-30x faster than the parallel (recursive-doubling) form and compiles
     in a fraction of the time; the parallel form is for accelerators, where a sequential loop leaves the chip idle.
     (Reference numerics have no sequential variant: their "scan" is the XLA forward.) On a GPU the Pallas kernels
-    (chunked three-phase scans: `pallas.py` for native numerics, `pallas_reference.py` for the sweeps of reference
-    numerics) replace the parallel form. A GPU where the kernels cannot run falls back to "xla" with a one-time
+    (`pallas.py` for native numerics, `pallas_torch_parity.py` for the sweeps of reference numerics) replace the
+    parallel form. A GPU where the kernels cannot run falls back to "xla" with a one-time
     warning.
     """
     if jax.default_backend() == "cpu":
@@ -39,7 +39,7 @@ _TABLE = {
     # have no sequential variant, so "scan" uses the log-magnitude (xla) forward there.
     ("reference", None, "scan"): xla.reference_mode_features,
     # The XLA forward with its three sweeps computed by a Pallas kernel; the same cliff logic and heuristic backward.
-    ("reference", None, "pallas"): pallas_reference.reference_mode_features_pallas,
+    ("reference", None, "pallas"): pallas_torch_parity.reference_mode_features_pallas,
     ("native", "causal", "scan"): reference.causal_scan_reference,
     ("native", "bidirectional", "scan"): reference.bidirectional_scan_reference,
     ("native", "causal", "reference"): reference.causal_scan_reference,

@@ -1,7 +1,7 @@
 """Complex arithmetic on separate real and imaginary float32 planes, and exact power-of-two scaling.
 
 Shared by the XLA path (`xla.py`) and the Pallas kernels (`pallas_forward.py`, `pallas_backward.py`,
-`pallas_reference.py`). Planes rather than complex64 because Triton has no complex type, and because explicit
+`pallas_torch_parity.py`). Planes rather than complex64 because Triton has no complex type, and because explicit
 elementwise products cannot be turned into TF32 matmuls. Scaling by a power of two built from the exponent bits is
 exact, so the only rounding is that of the arithmetic itself.
 """

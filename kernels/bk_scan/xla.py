@@ -265,7 +265,7 @@ def _reference_mode_resolvent(a, b, c, z, prefix_scan=_mobius_prefix_scan):
     """G of the reference (after eps, NaN-zeroing, overflow cliff and the 50-clip), complex64 (B, N).
 
     `prefix_scan` computes the three stacked sweeps: any function with the contract of `_mobius_prefix_scan`
-    (the Pallas kernel `pallas_reference.mobius_prefix_scan_pallas` is the other one), so that every line of the
+    (the Pallas kernel `pallas_torch_parity.mobius_prefix_scan_pallas` is the other one), so that every line of the
     combination and cliff logic below is shared between implementations. Its mantissas must be normalised (largest
     |Re|/|Im| of each (theta_t, theta_{t+1}) pair in [0.5, 1)), as the divisions below assume O(1) operands.
 
@@ -407,5 +407,11 @@ def reference_mode_features(a, b=None, c=None, z=1j):
     Backward: the reference's heuristic gradient (1.8, not the true derivative), for `a` only; b, c and z get zero
     cotangents. The recurrences are never differentiated.
     """
+    return reference_mode_features_from_scan(a, b, c, z, _mobius_prefix_scan)
+
+
+def reference_mode_features_from_scan(a, b, c, z, prefix_scan):
+    """`reference_mode_features` with its three sweeps computed by `prefix_scan` (a function with the contract of
+    `_mobius_prefix_scan`, e.g. the Pallas kernel `pallas_torch_parity.mobius_prefix_scan_pallas`); not jitted."""
     a, b, c, z = check_and_broadcast(a, b, c, z)
-    return _reference_mode(a, b, c, z, _mobius_prefix_scan)
+    return _reference_mode(a, b, c, z, prefix_scan)

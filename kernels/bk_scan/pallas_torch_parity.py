@@ -1,6 +1,10 @@
-"""BK-Core reference mode (overflow cliff included) with its sweeps as a Pallas (Triton) GPU kernel.
+"""BK-Core torch-parity numerics (numerics="reference": the PyTorch reference's values, overflow cliff included)
+with its sweeps as a Pallas (Triton) GPU kernel.
 
-Reference mode (`xla.reference_mode_features`) spends its time in `xla._mobius_prefix_scan`: per position t the
+Not to be confused with `reference.py`, the slow, obvious oracles the tests compare against: this module is a fast
+kernel whose job is to reproduce the PyTorch model's numerics, which the API calls "reference" numerics.
+
+Reference numerics (`xla.reference_mode_features`) spend their time in `xla._mobius_prefix_scan`: per position t the
 second column of P_t = M_t ... M_0, M_t = [[0, 1], [-k_t, d_t]], i.e. the pair of leading principal minors
 (theta_t, theta_{t+1}), as float32 mantissas times 2**(int32 exponent), for three stacked sweeps (theta, psi, phi).
 XLA builds it by recursive doubling, O(N log N) work over 8-plane matrices. `mobius_prefix_scan_pallas` computes
@@ -23,10 +27,11 @@ O(N)-step sequential recurrence instead of an O(log N)-level product tree, so th
 (a few 1e-5 on long, ill-conditioned rows): this is what can move an overflow-cliff decision that lies within that
 margin of 2**1024 (see `_reference_mode_resolvent`).
 
-Everything else of reference mode, the combination of the sweeps into G, the cliff tests, the eps, NaN-zeroing and
-50-clip, is `xla._reference_mode_resolvent` itself, run with this kernel as its prefix scan, so the two paths share
-every line of that logic. The backward is the reference's heuristic gradient, elementwise XLA from G and the
-cotangent (`reference_heuristic_grad`): the kernel is never differentiated and has no backward kernel.
+Everything else of reference numerics, the combination of the sweeps into G, the cliff tests, the eps, NaN-zeroing
+and 50-clip, is `xla._reference_mode_resolvent` itself, run with this kernel as its prefix scan
+(`xla.reference_mode_features_from_scan`), so the two paths share every line of that logic. The backward is the
+reference's heuristic gradient, elementwise XLA from G and the cotangent (`reference_heuristic_grad`): the kernel
+is never differentiated and has no backward kernel.
 """
 
 from __future__ import annotations
@@ -40,7 +45,6 @@ from .. import _pallas_backend as backend
 from . import xla
 from .complex_planes import normalise_with_exponent
 from .config import BkScanConfig
-from .reference import check_and_broadcast
 
 F32 = jnp.float32
 I32 = jnp.int32
@@ -242,6 +246,5 @@ def reference_mode_features_pallas(a, b=None, c=None, z=1j, *, config: BkScanCon
     GPU >= sm_80 is present or interpret=True.
     """
     config = _resolve_config(config, interpret)
-    a, b, c, z = check_and_broadcast(a, b, c, z)
     prefix_scan = functools.partial(mobius_prefix_scan_pallas, config=config, interpret=bool(interpret))
-    return xla._reference_mode(a, b, c, z, prefix_scan)
+    return xla.reference_mode_features_from_scan(a, b, c, z, prefix_scan)
