@@ -23,7 +23,8 @@ from phase1_jax.kernels.bk_scan import (bidirectional_numpy, bidirectional_scan_
 from phase1_jax.kernels.bk_scan.config import BkScanConfig
 from phase1_jax.kernels.bk_scan.pallas import bidirectional_features_pallas, causal_features_pallas
 from phase1_jax.kernels.lns_matmul import lns_matmul, reference as lns_reference, to_lns
-from phase1_jax.kernels.lns_matmul.pallas import LnsMatmulConfig, lns_matmul_pallas
+from phase1_jax.kernels.lns_matmul.config import LnsMatmulConfig
+from phase1_jax.kernels.lns_matmul.pallas import lns_matmul_pallas
 
 ON_GPU = jax.default_backend() == "gpu"
 INTERPRET = not ON_GPU

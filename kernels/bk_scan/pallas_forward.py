@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 
 from .. import _pallas_backend as backend
+from ..tuned_block_sizes import BK_SCAN as TUNED
 from .complex_planes import cdiv_scaled, cinverse, normalise, one_over
 
 F32 = jnp.float32
@@ -62,12 +63,12 @@ _SIDES = {"left": ("left",), "right": ("right",), "both": ("left", "right")}
 # Output columns per store of the values kernel, per mode: 16 = 128 contiguous bytes of interleaved (Re, Im) per
 # lane. On the H100 16 beat 8 by ~1 µs for the one-sided scans and lost by ~1 µs for the bidirectional one
 # (docs/perf/NOTES.md v8).
-_STORE_COLUMNS = {"left": 16, "right": 16, "both": 8}
+_STORE_COLUMNS = TUNED["store_columns"]
 # Whether the values kernel takes its reciprocals as one SFU instruction (`backend.reciprocal`) rather than a
 # division (Triton's `div.full.f32`, which adds range scaling). On the H100 the SFU form was 1 µs faster for the
 # bidirectional kernel (three reciprocals a position) and 0.7 µs slower for the one-sided ones, with the same
 # errors against float64 (docs/perf/NOTES.md v10).
-_SFU_RECIPROCAL = {"left": False, "right": False, "both": True}
+_SFU_RECIPROCAL = TUNED["sfu_reciprocal"]
 
 
 def _compose_unnormalised(earlier, later):
