@@ -99,12 +99,12 @@ def require(op: str, interpret: bool, alternatives: str = "'xla'") -> None:
 _WARNED: set[tuple[str, str]] = set()
 
 
-def default_is_pallas(op: str, supported: tuple[bool, str] = (True, "")) -> bool:
-    """Whether implementation=None means the Pallas kernels for `op` here.
+def default_is_pallas(op: str, supported: tuple[bool, str] = (True, ""), stacklevel: int = 2) -> bool:
+    """Whether implementation=None means the Pallas kernels for `op` here (asked by `dispatch.Dispatcher`).
 
     On a CPU (or any non-GPU backend) the default is the XLA path by design, silently. On a GPU it is Pallas when
     the kernels can run and take these inputs (`supported` = (ok, reason)); otherwise the default falls back to
-    XLA and says so once per (op, reason).
+    XLA and says so once per (op, reason), with the warning attributed `stacklevel` frames up.
     """
     if jax.default_backend() != "gpu":
         return False
@@ -115,7 +115,7 @@ def default_is_pallas(op: str, supported: tuple[bool, str] = (True, "")) -> bool
     if (op, reason) not in _WARNED:
         _WARNED.add((op, reason))
         warnings.warn(f"{op}: the default implementation falls back from 'pallas' to 'xla' here ({reason})",
-                      RuntimeWarning, stacklevel=3)
+                      RuntimeWarning, stacklevel=stacklevel)
     return False
 
 
