@@ -207,7 +207,7 @@ def reciprocal(x, *, interpret: bool):
 # compiled kernel it becomes one `tt.scan` whose combine region is the traced `combine`; everywhere else
 # (interpret mode, plain XLA) it is `lax.associative_scan`. Its Triton rule reaches into Pallas internals
 # (`jax._src.pallas.triton.lowering`), which is why it lives here, beside the other backend decisions; the rule is
-# checked by tests/test_pallas_kernels.py on CPU (IR lowering) and on the GPU.
+# checked by tests/test_kernel_backend.py (interpreted on a CPU, compiled on the GPU) and by the ops' lowering tests.
 # --------------------------------------------------------------------------------------------------------------
 
 _scan_p = jax.extend.core.Primitive("phase1_associative_scan")
