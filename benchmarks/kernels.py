@@ -253,6 +253,7 @@ def bench_ar(copy_bw, quick, sweep):
 def _associative_scan_causal(a, z=1j):
     """The issue's baseline: lax.associative_scan over power-of-two normalised 2x2 complex Möbius matrices."""
     from phase1_jax.kernels.bk_scan import xla as bkx
+    from phase1_jax.kernels.bk_scan.complex_planes import cdiv
     d_re, d_im = bkx._shifted_planes(a, jnp.complex64(z))
     coupling = jnp.concatenate([jnp.zeros_like(a[:, :1]), jnp.ones_like(a[:, 1:])], axis=1)
     zero, one = jnp.zeros_like(d_re), jnp.ones_like(d_re)
@@ -260,7 +261,7 @@ def _associative_scan_causal(a, z=1j):
     leaves = bkx._normalise(jnp.stack([zero, zero, one, zero, -coupling, zero, d_re, d_im]),
                             jnp.zeros((1, *d_re.shape), jnp.int32))
     planes, _ = lax.associative_scan(bkx._compose, leaves, axis=2)
-    g = lax.complex(*bkx._cdiv(planes[bkx._M01R], planes[bkx._M01I], planes[bkx._M11R], planes[bkx._M11I]))
+    g = lax.complex(*cdiv(planes[bkx._M01R], planes[bkx._M01I], planes[bkx._M11R], planes[bkx._M11I]))
     return jnp.stack([jnp.real(g), jnp.imag(g)], axis=-1)
 
 
@@ -373,7 +374,7 @@ def bench_bk(copy_bw, quick, sweep):
 def bench_bk_reference(copy_bw, quick, sweep):
     """Reference numerics (imported PyTorch models): the XLA doubling-scan path against the Pallas kernel."""
     from phase1_jax.kernels.bk_scan import xla as bkx
-    from phase1_jax.kernels.bk_scan.pallas_reference import reference_mode_features_pallas
+    from phase1_jax.kernels.bk_scan.pallas_torch_parity import reference_mode_features_pallas
 
     for batch, n in [(2, 300)] if SMOKE else [(16, 2048), (16, 8192)]:
         shape = f"B={batch} N={n}"

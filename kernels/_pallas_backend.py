@@ -99,12 +99,12 @@ def require(op: str, interpret: bool, alternatives: str = "'xla'") -> None:
 _WARNED: set[tuple[str, str]] = set()
 
 
-def default_is_pallas(op: str, supported: tuple[bool, str] = (True, "")) -> bool:
-    """Whether implementation=None means the Pallas kernels for `op` here.
+def default_is_pallas(op: str, supported: tuple[bool, str] = (True, ""), stacklevel: int = 2) -> bool:
+    """Whether implementation=None means the Pallas kernels for `op` here (asked by `dispatch.Dispatcher`).
 
     On a CPU (or any non-GPU backend) the default is the XLA path by design, silently. On a GPU it is Pallas when
     the kernels can run and take these inputs (`supported` = (ok, reason)); otherwise the default falls back to
-    XLA and says so once per (op, reason).
+    XLA and says so once per (op, reason), with the warning attributed `stacklevel` frames up.
     """
     if jax.default_backend() != "gpu":
         return False
@@ -115,7 +115,7 @@ def default_is_pallas(op: str, supported: tuple[bool, str] = (True, "")) -> bool
     if (op, reason) not in _WARNED:
         _WARNED.add((op, reason))
         warnings.warn(f"{op}: the default implementation falls back from 'pallas' to 'xla' here ({reason})",
-                      RuntimeWarning, stacklevel=3)
+                      RuntimeWarning, stacklevel=stacklevel)
     return False
 
 
@@ -160,6 +160,34 @@ def store(ref_view, value, mask=None) -> None:
 program_id = pl.program_id
 
 
+def split_leading_ref(refs, present: bool):
+    """(refs[0], refs[1:]) for a kernel whose first input exists only in some configurations, else (None, refs)."""
+    return (refs[0], refs[1:]) if present else (None, refs)
+
+
+def columns(tile):
+    """(n, W) -> W arrays (n,), W a power of two: split by two-way unstacks, which is what the Triton lowering
+    supports (slicing a column out of a register tile is not)."""
+    n, width = tile.shape
+    if width == 1:
+        return [tile.reshape(n)]
+    even, odd = jax.lax.unstack(tile.reshape(n, width // 2, 2), axis=-1)
+    out = [None] * width
+    out[0::2] = columns(even)
+    out[1::2] = columns(odd)
+    return out
+
+
+def tile(cols):
+    """Inverse of `columns`: W arrays (n,) -> (n, W)."""
+    width = len(cols)
+    n = cols[0].shape[0]
+    if width == 1:
+        return cols[0].reshape(n, 1)
+    pair = jax.lax.stack([tile(cols[0::2]), tile(cols[1::2])], axis=-1)
+    return pair.reshape(n, width)
+
+
 def reciprocal(x, *, interpret: bool):
     """1 / x for float32, as one `rcp.approx.ftz.f32` in compiled kernels (the SFU's reciprocal: at most 1 ulp of
     error, subnormal inputs and results flushed to zero, 1/0 = inf). A float32 division in a Triton kernel is
@@ -179,7 +207,7 @@ def reciprocal(x, *, interpret: bool):
 # compiled kernel it becomes one `tt.scan` whose combine region is the traced `combine`; everywhere else
 # (interpret mode, plain XLA) it is `lax.associative_scan`. Its Triton rule reaches into Pallas internals
 # (`jax._src.pallas.triton.lowering`), which is why it lives here, beside the other backend decisions; the rule is
-# checked by tests/test_pallas_kernels.py on CPU (IR lowering) and on the GPU.
+# checked by tests/test_kernel_backend.py (interpreted on a CPU, compiled on the GPU) and by the ops' lowering tests.
 # --------------------------------------------------------------------------------------------------------------
 
 _scan_p = jax.extend.core.Primitive("phase1_associative_scan")

@@ -1,23 +1,20 @@
-"""Dispatcher for the AR-SSM scan op."""
+"""Entry point of the AR-SSM scan op, dispatching on `implementation` (`kernels/dispatch.py`)."""
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 
-from .. import _pallas_backend
+from ..dispatch import Dispatcher
+from . import pallas
 from .reference import ar_ssm_scan_reference
 from .xla import DEFAULT_CHUNK_SIZE, ar_ssm_scan_xla
 
-IMPLEMENTATIONS = ("xla", "reference", "pallas")
-# Available everywhere; "pallas" also where `available_implementations()` lists it (a CUDA GPU of compute
-# capability >= 8.0); asking for it elsewhere raises PallasUnavailableError. (Not decided at import time, which
-# would initialise the JAX backend as a side effect of importing.)
-AVAILABLE_IMPLEMENTATIONS = ("xla", "reference")
-
-
-def available_implementations() -> tuple[str, ...]:
-    return AVAILABLE_IMPLEMENTATIONS + (("pallas",) if _pallas_backend.available() else ())
+DISPATCHER = Dispatcher("ar_ssm_scan", ("xla", "reference", "pallas"))
+# The values `implementation=` accepts, None (the default) first.
+IMPLEMENTATIONS = DISPATCHER.choices
+# Those that can run here (decided when called: at import time it would initialise the JAX backend).
+available_implementations = DISPATCHER.available
 
 
 def _check_inputs(u, v, g) -> None:
@@ -43,21 +40,13 @@ def ar_ssm_scan(u: jax.Array, v: jax.Array, g: jax.Array, *, reverse: bool = Fal
     where they cannot run), "xla" (chunked float32-accumulating scan, custom VJP) or "reference" (plain jnp,
     input-dtype accumulation). `chunk_size` applies to "xla" only.
     """
-    if implementation is not None and implementation not in IMPLEMENTATIONS:
-        raise ValueError(f"ar_ssm_scan: argument 'implementation' = {implementation!r} is not allowed; "
-                         f"allowed values are None, " + ", ".join(repr(i) for i in IMPLEMENTATIONS))
-    if implementation == "pallas":
-        _pallas_backend.require("ar_ssm_scan", False, alternatives="'xla' or 'reference'")
+    DISPATCHER.check(implementation)
     _check_inputs(u, v, g)
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size!r}")
-    if implementation is None:
-        from . import pallas
-        if _pallas_backend.default_is_pallas("ar_ssm_scan", pallas.supports(u, v, g)):
-            implementation = "pallas"
+    implementation = DISPATCHER.choose(implementation, supports=lambda: pallas.supports(u, v, g))
     if implementation == "pallas":
-        from .pallas import ar_ssm_scan_pallas
-        return ar_ssm_scan_pallas(u, v, g, reverse=reverse)
+        return pallas.ar_ssm_scan_pallas(u, v, g, reverse=reverse)
     if implementation == "reference":
         return ar_ssm_scan_reference(u, v, g, reverse=reverse)
     return ar_ssm_scan_xla(u, v, g, reverse=reverse, chunk_size=chunk_size)

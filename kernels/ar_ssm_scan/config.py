@@ -6,6 +6,8 @@ Kahan-compensated running carry between tiles. Segments exist only to give the G
 B * ceil(R / block_r) is small: with S > 1 segments a first light pass sums each segment (float32, compensated) and
 the carries between segments are an exclusive scan of S numbers. Rounding therefore grows with block_t (the local
 sum), not with L: float32 stays sound at L = 65,536 and beyond.
+
+Defaults come from the measured table `kernels/tuned_block_sizes.py` (AR_SSM_SCAN).
 """
 
 from __future__ import annotations
@@ -13,25 +15,26 @@ from __future__ import annotations
 import dataclasses
 
 from .._checks import is_power_of_two
+from ..tuned_block_sizes import AR_SSM_SCAN as TUNED
 
 # Programs wanted in flight: about two per streaming multiprocessor of an H100 (132 SMs); smaller cards just run
 # more waves. Segments cost a first pass over u and g (half the forward's reads again), so they are used only when
 # B * ceil(R / block_r) is below about one program per SM.
-TARGET_PROGRAMS = 264
-MIN_PROGRAMS_WITHOUT_SEGMENTS = 128
+TARGET_PROGRAMS = TUNED["target_programs"]
+MIN_PROGRAMS_WITHOUT_SEGMENTS = TUNED["min_programs_without_segments"]
 
 
 @dataclasses.dataclass(frozen=True)
 class ArSsmScanConfig:
-    block_t: int = 64
-    block_r: int = 32
+    block_t: int = TUNED["block_t"]
+    block_r: int = TUNED["block_r_max"]
     # None: chosen from the shape (enough programs for the GPU); an int: that many segments (clipped to L/block_t).
     num_segments: int | None = None
-    num_warps: int = 4
+    num_warps: int = TUNED["num_warps"]
     # The backward kernel holds four prefetched input tiles and three output tiles: more warps spread them over
     # more registers (ncu, 2026-11-26: 255 registers per thread at 4 warps).
-    backward_warps: int = 8
-    num_stages: int = 2
+    backward_warps: int = TUNED["backward_warps"]
+    num_stages: int = TUNED["num_stages"]
 
     def __post_init__(self):
         for name in ("block_t", "block_r"):
@@ -57,8 +60,8 @@ class Layout:
 
 def default_config(batch: int, length: int, rank: int) -> ArSsmScanConfig:
     """Block sizes for a shape; the segment count is left to `layout` (None)."""
-    block_r = min(32, 1 << max(0, (rank - 1).bit_length()))
-    block_t = 64 if block_r >= 32 else 128
+    block_r = min(TUNED["block_r_max"], 1 << max(0, (rank - 1).bit_length()))
+    block_t = TUNED["block_t"] if block_r >= TUNED["block_r_max"] else TUNED["block_t_narrow"]
     return ArSsmScanConfig(block_t=block_t, block_r=block_r)
 
 

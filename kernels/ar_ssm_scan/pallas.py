@@ -119,7 +119,7 @@ def _segment_sum_kernel(*refs, n_factors, length, rank, block_t, block_r, seg_le
 
 
 def _forward_kernel(*refs, length, rank, block_t, block_r, seg_len, num_segments, descending):
-    totals_ref, (u_ref, v_ref, g_ref, out_ref, kend_ref) = (refs[0], refs[1:]) if num_segments > 1 else (None, refs)
+    totals_ref, (u_ref, v_ref, g_ref, out_ref, kend_ref) = backend.split_leading_ref(refs, num_segments > 1)
     b, s, cols, col_mask = _program_coords(block_r, rank)
     geometry = dict(length=length, block_t=block_t, seg_len=seg_len, descending=descending)
     if totals_ref is None:

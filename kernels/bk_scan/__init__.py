@@ -4,7 +4,7 @@
 included) and native ones (causal or bidirectional, finite at any length, exact gradients).
 """
 
-from .api import IMPLEMENTATIONS, bk_features, resolve
+from .api import IMPLEMENTATIONS, available_implementations, bk_features, resolve
 from .reference import (
     bidirectional_numpy,
     bidirectional_scan_reference,
@@ -21,6 +21,7 @@ from .xla import bidirectional_features, causal_features, reference_mode_feature
 
 __all__ = [
     "IMPLEMENTATIONS",
+    "available_implementations",
     "bk_features",
     "bidirectional_features",
     "bidirectional_numpy",

@@ -2,33 +2,21 @@
 
 from __future__ import annotations
 
-import jax
-
-from .. import _pallas_backend
-from . import pallas, pallas_reference, reference, xla
+from ..dispatch import Dispatcher
+from . import pallas, pallas_torch_parity, reference, xla
 
 NUMERICS = ("reference", "native")
 DIRECTIONS = ("causal", "bidirectional")
-IMPLEMENTATIONS = ("xla", "scan", "reference", "pallas")
-# Named here so that asking for them gives a clear "not yet" instead of "unknown".
-PLANNED_IMPLEMENTATIONS = ()
-
-
-def default_implementation(numerics: str = "native") -> str:
-    """"scan" on CPU; "pallas" on a CUDA GPU >= sm_80 (both numerics); "xla" elsewhere.
-
-    On a CPU the sequential lax.scan is 20-30x faster than the parallel (recursive-doubling) form and compiles
-    in a fraction of the time; the parallel form is for accelerators, where a sequential loop leaves the chip idle.
-    (Reference numerics have no sequential variant: their "scan" is the XLA forward.) On a GPU the Pallas kernels
-    (chunked three-phase scans: `pallas.py` for native numerics, `pallas_reference.py` for the sweeps of reference
-    numerics) replace the parallel form. A GPU where the kernels cannot run falls back to "xla" with a one-time
-    warning.
-    """
-    if jax.default_backend() == "cpu":
-        return "scan"
-    if _pallas_backend.default_is_pallas("bk_scan"):
-        return "pallas"
-    return "xla"
+# The default: "scan" on a CPU, where the sequential lax.scan is 20-30x faster than the parallel (recursive-doubling)
+# form and compiles in a fraction of the time (the parallel form is for accelerators, where a sequential loop leaves
+# the chip idle); "pallas" on a CUDA GPU >= sm_80 (both numerics: `pallas.py` for native numerics,
+# `pallas_torch_parity.py` for the sweeps of reference numerics); "xla" on other accelerators, and on a GPU where the
+# kernels cannot run (with a one-time warning).
+DISPATCHER = Dispatcher("bk_scan", ("xla", "scan", "reference", "pallas"), cpu_default="scan")
+# The values `implementation=` accepts, None (the default) first.
+IMPLEMENTATIONS = DISPATCHER.choices
+# Those that can run here (decided when called: at import time it would initialise the JAX backend).
+available_implementations = DISPATCHER.available
 
 _TABLE = {
     ("reference", None, "xla"): xla.reference_mode_features,
@@ -39,7 +27,7 @@ _TABLE = {
     # have no sequential variant, so "scan" uses the log-magnitude (xla) forward there.
     ("reference", None, "scan"): xla.reference_mode_features,
     # The XLA forward with its three sweeps computed by a Pallas kernel; the same cliff logic and heuristic backward.
-    ("reference", None, "pallas"): pallas_reference.reference_mode_features_pallas,
+    ("reference", None, "pallas"): pallas_torch_parity.reference_mode_features_pallas,
     ("native", "causal", "scan"): reference.causal_scan_reference,
     ("native", "bidirectional", "scan"): reference.bidirectional_scan_reference,
     ("native", "causal", "reference"): reference.causal_scan_reference,
@@ -58,15 +46,7 @@ def resolve(numerics: str, direction: str = "causal", implementation: str | None
     """The function `bk_features` would call, f(a, b, c, z) -> features; raises on bad or unavailable names."""
     _check_choice("numerics", numerics, NUMERICS)
     _check_choice("direction", direction, DIRECTIONS)
-    if implementation in PLANNED_IMPLEMENTATIONS:
-        raise NotImplementedError(
-            f"implementation={implementation!r} is not available yet; available: {', '.join(map(repr, IMPLEMENTATIONS))}"
-            " (or None for the default)")
-    if implementation is None:
-        implementation = default_implementation(numerics)
-    _check_choice("implementation", implementation, IMPLEMENTATIONS + (None,))
-    if implementation == "pallas":
-        _pallas_backend.require("bk_scan", False, alternatives="'xla', 'scan' or 'reference'")
+    implementation = DISPATCHER.choose(implementation)
     return _TABLE[(numerics, None if numerics == "reference" else direction, implementation)]
 
 

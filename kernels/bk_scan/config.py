@@ -1,4 +1,6 @@
-"""Block sizes of the BK-Core Pallas kernels (see `pallas.py`).
+"""Block sizes of the BK-Core Pallas kernels (`pallas_forward.py`, `pallas_backward.py`, `pallas_torch_parity.py`).
+
+Defaults come from the measured table `kernels/tuned_block_sizes.py` (BK_SCAN); the numbers below are its values.
 
 Forward (lane-scan form, three launches):
 scan_lanes   lanes per program of the forward kernels; a program is one chunk of scan_lanes * scan_vector positions
@@ -19,7 +21,7 @@ scan_chunks_per_program
 When N is a multiple of scan_lanes * scan_vector and every program's chunks exist, the forward kernels run without
 masks (and, for unit coupling, with k = 1 on every step): ~1 µs faster for the causal scan at B=64 N=65,536.
 
-Backward (chunked three-phase form; `chunk`, `lanes`, `carry_*` also size the reference-mode kernel):
+Backward (chunked three-phase form; `chunk`, `lanes`, `carry_*` also size the torch-parity kernel):
 
 chunk      time steps per chunk (a power of two, a multiple of `vector`). Each chunk is one lane of phases 1 and
            3 (sequential over `chunk` steps); phase 2 is sequential over N / chunk chunks per row. The sequential
@@ -38,22 +40,23 @@ import dataclasses
 import math
 
 from .._checks import is_power_of_two
+from ..tuned_block_sizes import BK_SCAN as TUNED
 
 
 @dataclasses.dataclass(frozen=True)
 class BkScanConfig:
     chunk: int | None = None
-    vector: int = 8
-    lanes: int = 128
-    carry_rows: int = 32
-    carry_vector: int = 8
-    num_warps: int = 4
-    carry_warps: int = 1
-    num_stages: int = 1
+    vector: int = TUNED["vector"]
+    lanes: int = TUNED["lanes"]
+    carry_rows: int = TUNED["carry_rows"]
+    carry_vector: int = TUNED["carry_vector"]
+    num_warps: int = TUNED["num_warps"]
+    carry_warps: int = TUNED["carry_warps"]
+    num_stages: int = TUNED["num_stages"]
     scan_lanes: int | None = None
     scan_vector: int | None = None
     scan_warps: int | None = None
-    scan_chunks_per_program: int = 1
+    scan_chunks_per_program: int = TUNED["scan_chunks_per_program"]
 
     def __post_init__(self):
         if self.chunk is not None and (not is_power_of_two(self.chunk) or self.chunk < self.vector):
@@ -76,17 +79,19 @@ class BkScanConfig:
     def chunk_for(self, n: int) -> int:
         if self.chunk is not None:
             return self.chunk
-        return max(self.vector, min(1024, 1 << max(0, math.ceil(math.log2(max(1.0, math.sqrt(n)))))))
+        return max(self.vector, min(TUNED["max_chunk"], 1 << max(0, math.ceil(math.log2(max(1.0, math.sqrt(n)))))))
 
     def scan_lanes_for(self, n: int) -> int:
         if self.scan_lanes is not None:
             return self.scan_lanes
-        return 1 << min(10, max(5, round(math.log2(max(1.0, 4 * math.sqrt(n) / self.scan_vector_for(n))))))
+        positions = TUNED["scan_positions_per_sqrt_n"] * math.sqrt(n)
+        nearest = 1 << round(math.log2(max(1.0, positions / self.scan_vector_for(n))))
+        return min(TUNED["scan_lanes_max"], max(TUNED["scan_lanes_min"], nearest))
 
     def scan_vector_for(self, n: int) -> int:
         if self.scan_vector is not None:
             return self.scan_vector
-        return 32 if n >= 32768 else 16
+        return TUNED["scan_vector_long"] if n >= TUNED["scan_vector_long_from"] else TUNED["scan_vector"]
 
     def scan_warps_for(self, n: int) -> int:
         if self.scan_warps is not None:

@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from .complex_planes import MAX_EXPONENT, cdiv, cmul, cmul_add, frexp_exponent, pow2
 from .reference import (
     REFERENCE_CLIP_EPS,
     REFERENCE_DET_EPS,
@@ -41,54 +42,20 @@ from .reference import (
 # A float64 result overflows when its magnitude rounds past DBL_MAX = 2**1024 (1 - 2**-53), i.e. reaches 2**1024
 # less half an ulp; float32 mantissas cannot resolve that half ulp, so the test is |x| >= 2**1024.
 FLOAT64_OVERFLOW_EXPONENT = 1024
-# Exponents applied by bit construction must keep 2**-e a normal float32.
-_MAX_SCALE_EXPONENT = 126
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Complex helpers on (re, im) float32 planes.
+# Parallel prefix scan, and the Möbius prefix products built on it.
 # ----------------------------------------------------------------------------------------------------------------
-
-def _cmul(xr, xi, yr, yi):
-    return xr * yr - xi * yi, xr * yi + xi * yr
-
-
-def _cmul_add(xr, xi, yr, yi, ur, ui, vr, vi):
-    """x*y + u*v."""
-    pr, pi = _cmul(xr, xi, yr, yi)
-    qr, qi = _cmul(ur, ui, vr, vi)
-    return pr + qr, pi + qi
-
-
-def _cdiv(xr, xi, yr, yi):
-    """x / y on planes, through conj(y) / |y|^2: used where |y| is O(1) (normalised mantissas) or >= Im z."""
-    inverse_norm = 1.0 / (yr * yr + yi * yi)
-    return (xr * yr + xi * yi) * inverse_norm, (xi * yr - xr * yi) * inverse_norm
-
-
-def _power_of_two(exponent):
-    """2**exponent as float32, exact, for integer exponent in [-126, 127] (built from the bits, no exp2 rounding)."""
-    return lax.bitcast_convert_type((exponent + 127) << 23, jnp.float32)
-
-
-def _frexp_exponent(magnitude):
-    """e with magnitude = m 2**e, m in [0.5, 1), clipped so 2**-e stays a normal float32 (magnitude >= 0)."""
-    biased = lax.bitcast_convert_type(magnitude, jnp.int32) >> 23
-    return jnp.clip(biased - 126, -_MAX_SCALE_EXPONENT, _MAX_SCALE_EXPONENT)
-
 
 def _normalise(planes, exponent):
     """Divide the stacked planes (P, ...) by the power of two that brings the largest |entry| into [0.5, 1).
 
     Exact (a power-of-two scale), so only the products themselves round; the exponent keeps the true scale.
     """
-    shift = _frexp_exponent(jnp.max(jnp.abs(planes), axis=0))
-    return planes * _power_of_two(-shift), exponent + shift
+    shift = frexp_exponent(jnp.max(jnp.abs(planes), axis=0))
+    return planes * pow2(-shift), exponent + shift
 
-
-# ----------------------------------------------------------------------------------------------------------------
-# Parallel prefix scan, and the Möbius prefix products built on it.
-# ----------------------------------------------------------------------------------------------------------------
 
 def _doubling_scan(combine, elems, *, reverse=False):
     """Inclusive scan along the last axis by recursive doubling (Hillis-Steele) inside a fori_loop.
@@ -120,10 +87,10 @@ def _compose(earlier, later):
     e, e_exp = earlier
     l, l_exp = later
     product = jnp.stack([
-        *_cmul_add(l[_M00R], l[_M00I], e[_M00R], e[_M00I], l[_M01R], l[_M01I], e[_M10R], e[_M10I]),
-        *_cmul_add(l[_M00R], l[_M00I], e[_M01R], e[_M01I], l[_M01R], l[_M01I], e[_M11R], e[_M11I]),
-        *_cmul_add(l[_M10R], l[_M10I], e[_M00R], e[_M00I], l[_M11R], l[_M11I], e[_M10R], e[_M10I]),
-        *_cmul_add(l[_M10R], l[_M10I], e[_M01R], e[_M01I], l[_M11R], l[_M11I], e[_M11R], e[_M11I]),
+        *cmul_add(l[_M00R], l[_M00I], e[_M00R], e[_M00I], l[_M01R], l[_M01I], e[_M10R], e[_M10I]),
+        *cmul_add(l[_M00R], l[_M00I], e[_M01R], e[_M01I], l[_M01R], l[_M01I], e[_M11R], e[_M11I]),
+        *cmul_add(l[_M10R], l[_M10I], e[_M00R], e[_M00I], l[_M11R], l[_M11I], e[_M10R], e[_M10I]),
+        *cmul_add(l[_M10R], l[_M10I], e[_M01R], e[_M01I], l[_M11R], l[_M11I], e[_M11R], e[_M11I]),
     ])
     return _normalise(product, e_exp + l_exp)
 
@@ -159,7 +126,7 @@ def _shifted_planes(a, z):
 def _continued_fraction(d_re, d_im, coupling):
     """g_t = 1/(d_t - k_t g_{t-1}) as complex64, by the parallel scan."""
     theta_re, theta_im, next_re, next_im, _ = _mobius_prefix_scan(d_re, d_im, coupling)
-    return lax.complex(*_cdiv(theta_re, theta_im, next_re, next_im))
+    return lax.complex(*cdiv(theta_re, theta_im, next_re, next_im))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -276,7 +243,7 @@ def _sweep_step_overflows(d_re, d_im, coupling, current, previous, following):
     cur_re, cur_im, cur_exp = current
     prev_re, prev_im, prev_exp = previous
     next_re, next_im, next_exp = following
-    prod_re, prod_im = _cmul(d_re, d_im, cur_re, cur_im)
+    prod_re, prod_im = cmul(d_re, d_im, cur_re, cur_im)
     largest_current = jnp.maximum(_larger_part(d_re, d_im) * _larger_part(cur_re, cur_im),
                                   _larger_part(prod_re, prod_im))
     return (_overflows(largest_current, cur_exp)
@@ -290,7 +257,7 @@ def _shift_right(x, fill):
 
 
 def _scale_by_power_of_two(re, im, exponent):
-    scale = _power_of_two(jnp.clip(exponent, -_MAX_SCALE_EXPONENT, _MAX_SCALE_EXPONENT))
+    scale = pow2(jnp.clip(exponent, -MAX_EXPONENT, MAX_EXPONENT))
     return re * scale, im * scale
 
 
@@ -298,7 +265,7 @@ def _reference_mode_resolvent(a, b, c, z, prefix_scan=_mobius_prefix_scan):
     """G of the reference (after eps, NaN-zeroing, overflow cliff and the 50-clip), complex64 (B, N).
 
     `prefix_scan` computes the three stacked sweeps: any function with the contract of `_mobius_prefix_scan`
-    (the Pallas kernel `pallas_reference.mobius_prefix_scan_pallas` is the other one), so that every line of the
+    (the Pallas kernel `pallas_torch_parity.mobius_prefix_scan_pallas` is the other one), so that every line of the
     combination and cliff logic below is shared between implementations. Its mantissas must be normalised (largest
     |Re|/|Im| of each (theta_t, theta_{t+1}) pair in [0.5, 1)), as the divisions below assume O(1) operands.
 
@@ -348,22 +315,22 @@ def _reference_mode_resolvent(a, b, c, z, prefix_scan=_mobius_prefix_scan):
     ph_re, ph_im, phn_re, phn_im, ph_exp = phi             # (phi_{N-1-s}, phi_{N-2-s})
 
     # Ratio form of the true resolvent diagonal.
-    gl_re, gl_im = _cdiv(th_re, th_im, thn_re, thn_im)
-    gr_re, gr_im = (x[:, ::-1] for x in _cdiv(ps_re, ps_im, psn_re, psn_im))
+    gl_re, gl_im = cdiv(th_re, th_im, thn_re, thn_im)
+    gr_re, gr_im = (x[:, ::-1] for x in cdiv(ps_re, ps_im, psn_re, psn_im))
     from_left_re = jnp.concatenate([zero_column, bond * gl_re[:, :-1]], axis=1)
     from_left_im = jnp.concatenate([zero_column, bond * gl_im[:, :-1]], axis=1)
     from_right_re = jnp.concatenate([bond * gr_re[:, 1:], zero_column], axis=1)
     from_right_im = jnp.concatenate([bond * gr_im[:, 1:], zero_column], axis=1)
-    g_re, g_im = _cdiv(1.0, 0.0, d_re - from_left_re - from_right_re, d_im - from_left_im - from_right_im)
+    g_re, g_im = cdiv(1.0, 0.0, d_re - from_left_re - from_right_re, d_im - from_left_im - from_right_im)
 
     # phi_i / psi_{i+1}: both are first entries at the same reversed position.
-    ratio_re, ratio_im = _scale_by_power_of_two(*_cdiv(ph_re, ph_im, ps_re, ps_im), ph_exp - ps_exp)
-    g_re, g_im = _cmul(g_re, g_im, ratio_re[:, ::-1], ratio_im[:, ::-1])
+    ratio_re, ratio_im = _scale_by_power_of_two(*cdiv(ph_re, ph_im, ps_re, ps_im), ph_exp - ps_exp)
+    g_re, g_im = cmul(g_re, g_im, ratio_re[:, ::-1], ratio_im[:, ::-1])
 
     # det / (det + eps) = 1 / (1 + eps / det), with eps / det kept in range through the exponent.
     det_re, det_im, det_exp = thn_re[:, -1:], thn_im[:, -1:], th_exp[:, -1:]
-    eps_re, eps_im = _scale_by_power_of_two(*_cdiv(REFERENCE_DET_EPS, 0.0, det_re, det_im), -det_exp)
-    g_re, g_im = _cdiv(g_re, g_im, 1.0 + eps_re, eps_im)
+    eps_re, eps_im = _scale_by_power_of_two(*cdiv(REFERENCE_DET_EPS, 0.0, det_re, det_im), -det_exp)
+    g_re, g_im = cdiv(g_re, g_im, 1.0 + eps_re, eps_im)
 
     # --- Overflow cliff. ---
     theta_overflow = _sweep_step_overflows(
@@ -389,8 +356,8 @@ def _reference_mode_resolvent(a, b, c, z, prefix_scan=_mobius_prefix_scan):
 
     # Numerator theta_i phi_i and Smith's scaled numerator.
     phi_re, phi_im, phi_exp = ph_re[:, ::-1], ph_im[:, ::-1], ph_exp[:, ::-1]
-    num_re, num_im = _cmul(th_re, th_im, phi_re, phi_im)
-    scaled_re, scaled_im = _cmul(num_re, num_im, det_re, -det_im)
+    num_re, num_im = cmul(th_re, th_im, phi_re, phi_im)
+    scaled_re, scaled_im = cmul(num_re, num_im, det_re, -det_im)
     largest_numerator = jnp.maximum(
         jnp.maximum(_larger_part(th_re, th_im) * _larger_part(phi_re, phi_im), _larger_part(num_re, num_im)),
         _larger_part(scaled_re, scaled_im) / det_larger)
@@ -440,5 +407,11 @@ def reference_mode_features(a, b=None, c=None, z=1j):
     Backward: the reference's heuristic gradient (1.8, not the true derivative), for `a` only; b, c and z get zero
     cotangents. The recurrences are never differentiated.
     """
+    return reference_mode_features_from_scan(a, b, c, z, _mobius_prefix_scan)
+
+
+def reference_mode_features_from_scan(a, b, c, z, prefix_scan):
+    """`reference_mode_features` with its three sweeps computed by `prefix_scan` (a function with the contract of
+    `_mobius_prefix_scan`, e.g. the Pallas kernel `pallas_torch_parity.mobius_prefix_scan_pallas`); not jitted."""
     a, b, c, z = check_and_broadcast(a, b, c, z)
-    return _reference_mode(a, b, c, z, _mobius_prefix_scan)
+    return _reference_mode(a, b, c, z, prefix_scan)

@@ -3,6 +3,6 @@
 Inference-only: see `api.lns_matmul` for the exact definitions of the "max_log" and "exact" algorithms.
 """
 
-from .api import ALGORITHMS, IMPLEMENTATIONS, lns_matmul, to_lns
+from .api import ALGORITHMS, IMPLEMENTATIONS, available_implementations, lns_matmul, to_lns
 
-__all__ = ["ALGORITHMS", "IMPLEMENTATIONS", "lns_matmul", "to_lns"]
+__all__ = ["ALGORITHMS", "IMPLEMENTATIONS", "available_implementations", "lns_matmul", "to_lns"]

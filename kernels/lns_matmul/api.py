@@ -1,4 +1,4 @@
-"""Dispatcher for the LNS matmul.
+"""Entry point of the LNS matmul, dispatching on `implementation` (`kernels/dispatch.py`).
 
 Definitions, for A (M, K) and B (K, N) given as log-magnitudes (log|x|; an exact zero is log 0 = -inf) and signs
 in {-1, 0, +1} (a zero value should have sign 0 *and* log -inf), with terms
@@ -20,11 +20,15 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from .. import _pallas_backend
-from . import reference, xla
+from ..dispatch import Dispatcher
+from . import pallas, reference, xla
 
 ALGORITHMS = ("max_log", "exact")
-IMPLEMENTATIONS = (None, "xla", "reference", "pallas")
+DISPATCHER = Dispatcher("lns_matmul", ("xla", "reference", "pallas"))
+# The values `implementation=` accepts, None (the default) first.
+IMPLEMENTATIONS = DISPATCHER.choices
+# Those that can run here (decided when called: at import time it would initialise the JAX backend).
+available_implementations = DISPATCHER.available
 
 _TABLE = {
     ("reference", "max_log"): lambda la, sa, lb, sb, bk: reference.max_log_matmul(la, sa, lb, sb),
@@ -48,16 +52,13 @@ def lns_matmul(log_a: jax.Array, sign_a: jax.Array, log_b: jax.Array, sign_b: ja
 
     implementation: None (the default: "pallas" on a CUDA GPU of compute capability >= 8.0, "xla" elsewhere),
     "pallas" (Pallas/Triton kernel, the term blocks stay in registers; raises PallasUnavailableError where it
-    cannot run; `block_k` is ignored, see `pallas.LnsMatmulConfig`), "xla" (blocked over K; `block_k` None picks
+    cannot run; `block_k` is ignored, see `config.LnsMatmulConfig`), "xla" (blocked over K; `block_k` None picks
     a block that keeps each (M, block_k, N) term tensor at 4M elements) or "reference" (materialises all M*K*N
     terms).
     """
     if not isinstance(algorithm, str) or algorithm not in ALGORITHMS:
         raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
-    if implementation == "pallas":
-        _pallas_backend.require("lns_matmul", False, alternatives="'xla' or 'reference'")
-    if implementation is not None and (not isinstance(implementation, str) or implementation not in IMPLEMENTATIONS):
-        raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
+    DISPATCHER.check(implementation)
     if block_k is not None and (isinstance(block_k, bool) or not isinstance(block_k, int) or block_k < 1):
         raise ValueError(f"block_k must be None or an int >= 1, got {block_k!r}")
 
@@ -72,9 +73,7 @@ def lns_matmul(log_a: jax.Array, sign_a: jax.Array, log_b: jax.Array, sign_b: ja
         raise ValueError(f"inner dimensions differ: log_a is {la.shape}, log_b is {lb.shape}")
     if la.shape[1] == 0:
         return jnp.zeros((la.shape[0], lb.shape[1]), jnp.float32)
-    if implementation is None and _pallas_backend.default_is_pallas("lns_matmul"):
-        implementation = "pallas"
+    implementation = DISPATCHER.choose(implementation)
     if implementation == "pallas":
-        from .pallas import lns_matmul_pallas
-        return lns_matmul_pallas(la, sa, lb, sb, algorithm=algorithm)
-    return _TABLE[(implementation or "xla", algorithm)](la, sa, lb, sb, block_k)
+        return pallas.lns_matmul_pallas(la, sa, lb, sb, algorithm=algorithm)
+    return _TABLE[(implementation, algorithm)](la, sa, lb, sb, block_k)

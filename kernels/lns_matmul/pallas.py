@@ -13,7 +13,6 @@ matmul of the same size. Inference only, like the other implementations: no cust
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import jax
@@ -21,24 +20,9 @@ import jax.numpy as jnp
 from jax import lax
 
 from .. import _pallas_backend as backend
-from .._checks import is_power_of_two
+from .config import LnsMatmulConfig
 
 F32 = jnp.float32
-
-
-@dataclasses.dataclass(frozen=True)
-class LnsMatmulConfig:
-    block_m: int = 32
-    block_n: int = 32
-    block_k: int = 8
-    num_warps: int = 4
-    num_stages: int = 2
-
-    def __post_init__(self):
-        for name in ("block_m", "block_n", "block_k"):
-            value = getattr(self, name)
-            if not is_power_of_two(value):
-                raise ValueError(f"LnsMatmulConfig.{name} must be a power of two, got {value!r}")
 
 
 def _load_blocks(la_ref, sa_ref, lb_ref, sb_ref, rows, cols, kb, m, n, k, block_k):

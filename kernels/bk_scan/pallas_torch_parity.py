@@ -1,10 +1,14 @@
-"""BK-Core reference mode (overflow cliff included) with its sweeps as a Pallas (Triton) GPU kernel.
+"""BK-Core torch-parity numerics (numerics="reference": the PyTorch reference's values, overflow cliff included)
+with its sweeps as a Pallas (Triton) GPU kernel.
 
-Reference mode (`xla.reference_mode_features`) spends its time in `xla._mobius_prefix_scan`: per position t the
+Not to be confused with `reference.py`, the slow, obvious oracles the tests compare against: this module is a fast
+kernel whose job is to reproduce the PyTorch model's numerics, which the API calls "reference" numerics.
+
+Reference numerics (`xla.reference_mode_features`) spend their time in `xla._mobius_prefix_scan`: per position t the
 second column of P_t = M_t ... M_0, M_t = [[0, 1], [-k_t, d_t]], i.e. the pair of leading principal minors
 (theta_t, theta_{t+1}), as float32 mantissas times 2**(int32 exponent), for three stacked sweeps (theta, psi, phi).
 XLA builds it by recursive doubling, O(N log N) work over 8-plane matrices. `mobius_prefix_scan_pallas` computes
-the same values with O(N) work as a chunked three-phase scan (the layout of `pallas.py`):
+the same values with O(N) work as a chunked three-phase scan (the layout of `pallas_backward.py`):
 
   1. chunk maps:  one lane per (row, chunk) multiplies the chunk's 2x2 complex step matrices, renormalised by an
                   exact power of two once per 8 steps; writes the product (8 floats) and its exponent (int32);
@@ -23,10 +27,11 @@ O(N)-step sequential recurrence instead of an O(log N)-level product tree, so th
 (a few 1e-5 on long, ill-conditioned rows): this is what can move an overflow-cliff decision that lies within that
 margin of 2**1024 (see `_reference_mode_resolvent`).
 
-Everything else of reference mode, the combination of the sweeps into G, the cliff tests, the eps, NaN-zeroing and
-50-clip, is `xla._reference_mode_resolvent` itself, run with this kernel as its prefix scan, so the two paths share
-every line of that logic. The backward is the reference's heuristic gradient, elementwise XLA from G and the
-cotangent (`reference_heuristic_grad`): the kernel is never differentiated and has no backward kernel.
+Everything else of reference numerics, the combination of the sweeps into G, the cliff tests, the eps, NaN-zeroing
+and 50-clip, is `xla._reference_mode_resolvent` itself, run with this kernel as its prefix scan
+(`xla.reference_mode_features_from_scan`), so the two paths share every line of that logic. The backward is the
+reference's heuristic gradient, elementwise XLA from G and the cotangent (`reference_heuristic_grad`): the kernel
+is never differentiated and has no backward kernel.
 """
 
 from __future__ import annotations
@@ -38,9 +43,8 @@ import jax.numpy as jnp
 
 from .. import _pallas_backend as backend
 from . import xla
+from .complex_planes import normalise_with_exponent
 from .config import BkScanConfig
-from .pallas import _columns, _exponent, _pow2, _tile
-from .reference import check_and_broadcast
 
 F32 = jnp.float32
 I32 = jnp.int32
@@ -49,14 +53,6 @@ I32 = jnp.int32
 RENORMALISE_EVERY = 8
 _MAP_FIELDS = 8     # x0, y0, x1, y1 (complex): the images of (1, 0) and (0, 1) under a chunk's product
 _STATE_FIELDS = 4   # p, q (complex): (theta_{t-1}, theta_t) entering a chunk
-
-
-def _normalise(planes, exponent):
-    """(planes scaled by the power of two that brings the largest |entry| into [0.5, 1), exponent + that power)."""
-    largest = functools.reduce(jnp.maximum, [jnp.abs(p) for p in planes])
-    shift = _exponent(largest)
-    scale = _pow2(-shift)
-    return [p * scale for p in planes], exponent + shift
 
 
 class _Geometry:
@@ -119,7 +115,7 @@ def _chunk_maps_kernel(d_re_ref, d_im_ref, k_ref, maps_ref, map_exp_ref, *, geo,
     row, chunk, ok = geo.lanes(lanes)
 
     def compute(block, tiles, state):
-        d_re, d_im, kap = (_columns(t) for t in tiles)
+        d_re, d_im, kap = (backend.columns(t) for t in tiles)
         (x0r, x0i, y0r, y0i, x1r, x1i, y1r, y1i), exponent = state
         for j in range(geo.vector):
             # Each column (x, y) -> (y, d y - k x).
@@ -130,7 +126,7 @@ def _chunk_maps_kernel(d_re_ref, d_im_ref, k_ref, maps_ref, map_exp_ref, *, geo,
             x0r, x0i, y0r, y0i = y0r, y0i, n0r, n0i
             x1r, x1i, y1r, y1i = y1r, y1i, n1r, n1i
             if (j + 1) % RENORMALISE_EVERY == 0 or j == geo.vector - 1:
-                (x0r, x0i, y0r, y0i, x1r, x1i, y1r, y1i), exponent = _normalise(
+                (x0r, x0i, y0r, y0i, x1r, x1i, y1r, y1i), exponent = normalise_with_exponent(
                     [x0r, x0i, y0r, y0i, x1r, x1i, y1r, y1i], exponent)
         return (x0r, x0i, y0r, y0i, x1r, x1i, y1r, y1i), exponent
 
@@ -159,7 +155,7 @@ def _carry_kernel(maps_ref, map_exp_ref, states_ref, state_exp_ref, *, geo, rows
             nqr = y0r * pr - y0i * pi + y1r * qr - y1i * qi
             nqi = y0r * pi + y0i * pr + y1r * qi + y1i * qr
             # Map entries are <= 1, so a normalised state grows at most 4x per chunk before this renormalisation.
-            (pr, pi, qr, qi), exponent = _normalise([npr, npi, nqr, nqi], exponent + map_exponent)
+            (pr, pi, qr, qi), exponent = normalise_with_exponent([npr, npi, nqr, nqi], exponent + map_exponent)
         return (pr, pi, qr, qi), exponent
 
     zero, one = jnp.zeros((rows,), F32), jnp.ones((rows,), F32)
@@ -172,22 +168,22 @@ def _values_kernel(d_re_ref, d_im_ref, k_ref, states_ref, state_exp_ref,
     start = _load_record(states_ref, state_exp_ref, row, ok, chunk, _STATE_FIELDS, geo.chunks)
 
     def compute(block, tiles, state):
-        d_re, d_im, kap = (_columns(t) for t in tiles)
+        d_re, d_im, kap = (backend.columns(t) for t in tiles)
         (pr, pi, qr, qi), exponent = state
         outputs = [[None] * geo.vector for _ in range(5)]
         for j in range(geo.vector):
             nr = d_re[j] * qr - d_im[j] * qi - kap[j] * pr
             ni = d_re[j] * qi + d_im[j] * qr - kap[j] * pi
             # The output pair, normalised on its own: off the recurrence's dependency chain.
-            planes, out_exponent = _normalise([qr, qi, nr, ni], exponent)
+            planes, out_exponent = normalise_with_exponent([qr, qi, nr, ni], exponent)
             for field, value in enumerate((*planes, out_exponent)):
                 outputs[field][j] = value
             pr, pi, qr, qi = qr, qi, nr, ni
             if (j + 1) % RENORMALISE_EVERY == 0 or j == geo.vector - 1:
-                (pr, pi, qr, qi), exponent = _normalise([pr, pi, qr, qi], exponent)
+                (pr, pi, qr, qi), exponent = normalise_with_exponent([pr, pi, qr, qi], exponent)
         pos, valid = geo.positions(chunk, block, ok)
         for ref, columns in zip((theta_re_ref, theta_im_ref, next_re_ref, next_im_ref, exp_ref), outputs):
-            backend.store(ref.at[row[:, None], pos], _tile(columns), mask=valid)
+            backend.store(ref.at[row[:, None], pos], backend.tile(columns), mask=valid)
         return (pr, pi, qr, qi), exponent
 
     backend.pipelined_loop(geo.blocks, geo.loader((d_re_ref, d_im_ref, k_ref), row, chunk, ok), compute,
@@ -250,6 +246,5 @@ def reference_mode_features_pallas(a, b=None, c=None, z=1j, *, config: BkScanCon
     GPU >= sm_80 is present or interpret=True.
     """
     config = _resolve_config(config, interpret)
-    a, b, c, z = check_and_broadcast(a, b, c, z)
     prefix_scan = functools.partial(mobius_prefix_scan_pallas, config=config, interpret=bool(interpret))
-    return xla._reference_mode(a, b, c, z, prefix_scan)
+    return xla.reference_mode_features_from_scan(a, b, c, z, prefix_scan)
