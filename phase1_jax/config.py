@@ -38,6 +38,7 @@ COMPUTE_DTYPES = ("float32", "bfloat16")
 PARAM_DTYPES = ("float32", "bfloat16")
 DATA_SOURCES = ("embedded", "text", "tokens")
 TOKEN_DTYPES = ("uint16", "uint32")
+OPTIMIZERS = ("adamw", "torch_adamw", "torch_adam")
 
 
 def _require(ok: bool, field: str, value: Any, allowed: str) -> None:
@@ -160,7 +161,13 @@ class ModelConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    """Optimisation: AdamW with linear warmup and cosine decay, global-norm clipping."""
+    """Optimisation: AdamW with linear warmup and cosine decay, global-norm clipping (grad_clip_norm: null for none).
+
+    optimizer:
+      * "adamw": optax's AdamW.
+      * "torch_adamw" / "torch_adam": torch.optim.AdamW / Adam bit for bit (phase1_jax.torch_optim), with torch's
+        clip_grad_norm_ formula; for reference-numerics models that must follow a PyTorch training run.
+    """
 
     batch_size: int = 16
     steps: int = 300
@@ -170,7 +177,9 @@ class TrainConfig:
     weight_decay: float = 0.01
     beta1: float = 0.9
     beta2: float = 0.95
-    grad_clip_norm: float = 1.0
+    eps: float = 1e-8
+    grad_clip_norm: float | None = 1.0
+    optimizer: str = "adamw"
     compute_dtype: str = "float32"
     seed: int = 0
     log_every: int = 10
@@ -187,7 +196,10 @@ class TrainConfig:
         _require(self.weight_decay >= 0, "training.weight_decay", self.weight_decay, ">= 0")
         _require(0 <= self.beta1 < 1, "training.beta1", self.beta1, "0 <= beta1 < 1")
         _require(0 <= self.beta2 < 1, "training.beta2", self.beta2, "0 <= beta2 < 1")
-        _require(self.grad_clip_norm > 0, "training.grad_clip_norm", self.grad_clip_norm, "> 0")
+        _require(self.eps > 0, "training.eps", self.eps, "> 0")
+        _require(self.grad_clip_norm is None or self.grad_clip_norm > 0, "training.grad_clip_norm",
+                 self.grad_clip_norm, "> 0, or null for no clipping")
+        _require(self.optimizer in OPTIMIZERS, "training.optimizer", self.optimizer, " | ".join(OPTIMIZERS))
         _require(self.compute_dtype in COMPUTE_DTYPES, "training.compute_dtype", self.compute_dtype,
                  " | ".join(COMPUTE_DTYPES))
 

@@ -45,6 +45,24 @@ def test_train_config_validation():
         TrainConfig(learning_rate="fast")
 
 
+@pytest.mark.parametrize("field,value,fragment", [
+    ("optimizer", "sgd", "adamw | torch_adamw | torch_adam"),
+    ("eps", 0.0, "> 0"),
+    ("grad_clip_norm", -1.0, "null for no clipping"),
+])
+def test_optimizer_fields_validated(field, value, fragment):
+    with pytest.raises(InvalidConfigError) as info:
+        TrainConfig(**{field: value})
+    assert info.value.param_name == f"training.{field}" and fragment in str(info.value)
+
+
+def test_no_clipping_is_null_in_yaml():
+    cfg = RunConfig.from_yaml("training:\n  grad_clip_norm: null\n  optimizer: torch_adamw\n  eps: 1e-6\n")
+    assert cfg.training.grad_clip_norm is None and cfg.training.eps == 1e-6
+    assert RunConfig.from_yaml(cfg.to_yaml()) == cfg
+    assert TrainConfig().optimizer == "adamw" and TrainConfig().eps == 1e-8
+
+
 def test_frozen():
     with pytest.raises(dataclasses.FrozenInstanceError):
         ModelConfig().d_model = 3
