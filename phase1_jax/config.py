@@ -166,7 +166,9 @@ class TrainConfig:
     optimizer:
       * "adamw": optax's AdamW.
       * "torch_adamw" / "torch_adam": torch.optim.AdamW / Adam bit for bit (phase1_jax.torch_optim), with torch's
-        clip_grad_norm_ formula; for reference-numerics models that must follow a PyTorch training run.
+        clip_grad_norm_ formula; for reference-numerics models that must follow a PyTorch training run. Weight
+        decay then applies to every parameter, as torch applies it to `model.parameters()` (optax's adamw decays
+        matrices only).
     """
 
     batch_size: int = 16

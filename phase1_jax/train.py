@@ -105,9 +105,10 @@ def decay_mask(params) -> Any:
 def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
     """The optimizer that `training.optimizer` names, after global-norm clipping unless grad_clip_norm is null.
 
-    torch_adamw / torch_adam reproduce torch.optim.AdamW / Adam bit for bit (phase1_jax.torch_optim) with the
-    same schedule as a LambdaLR over `lr_multiplier` and torch's clip_grad_norm_ formula; apply their updates
-    with `torch_optim.apply_updates` (the training step does).
+    torch_adamw / torch_adam reproduce torch.optim.AdamW / Adam bit for bit (phase1_jax.torch_optim) over
+    `model.parameters()` in one group: every parameter decays, as in torch; the schedule is a LambdaLR over
+    `lr_multiplier`, clipping torch's clip_grad_norm_. Apply their updates with `torch_optim.apply_updates`
+    (the training step does).
     """
     if cfg.optimizer == "adamw":
         clip = [] if cfg.grad_clip_norm is None else [optax.clip_by_global_norm(cfg.grad_clip_norm)]
@@ -117,8 +118,7 @@ def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
     adam = torch_adamw if cfg.optimizer == "torch_adamw" else torch_adam
     return optax.chain(*clip, adam(lambda step: cfg.learning_rate * lr_multiplier(cfg, step), total_steps=cfg.steps,
                                    b1=cfg.beta1, b2=cfg.beta2, eps=cfg.eps, weight_decay=cfg.weight_decay,
-                                   weight_decay_mask=decay_mask, param_axes=torch_param_axes,
-                                   has_grad=expert_has_grad))
+                                   param_axes=torch_param_axes, has_grad=expert_has_grad))
 
 
 def create_train_state(model: ResNetBK, train_cfg: TrainConfig,
