@@ -42,6 +42,7 @@ TOKENIZER_KINDS = ("byte", "bpe")
 # A BPE vocabulary is the 256-byte alphabet plus at least one merge; the ceiling (2**18) is above any
 # vocabulary in use and keeps a typo from sizing an embedding table by millions of rows.
 BPE_VOCAB_RANGE = (257, 262_144)
+OPTIMIZERS = ("adamw", "torch_adamw", "torch_adam")
 
 
 def _require(ok: bool, field: str, value: Any, allowed: str) -> None:
@@ -164,7 +165,15 @@ class ModelConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    """Optimisation: AdamW with linear warmup and cosine decay, global-norm clipping."""
+    """Optimisation: AdamW with linear warmup and cosine decay, global-norm clipping (grad_clip_norm: null for none).
+
+    optimizer:
+      * "adamw": optax's AdamW.
+      * "torch_adamw" / "torch_adam": torch.optim.AdamW / Adam bit for bit (phase1_jax.torch_optim), with torch's
+        clip_grad_norm_ formula; for reference-numerics models that must follow a PyTorch training run. Weight
+        decay then applies to every parameter, as torch applies it to `model.parameters()` (optax's adamw decays
+        matrices only).
+    """
 
     batch_size: int = 16
     steps: int = 300
@@ -174,7 +183,9 @@ class TrainConfig:
     weight_decay: float = 0.01
     beta1: float = 0.9
     beta2: float = 0.95
-    grad_clip_norm: float = 1.0
+    eps: float = 1e-8
+    grad_clip_norm: float | None = 1.0
+    optimizer: str = "adamw"
     compute_dtype: str = "float32"
     seed: int = 0
     log_every: int = 10
@@ -194,7 +205,10 @@ class TrainConfig:
         _require(self.weight_decay >= 0, "training.weight_decay", self.weight_decay, ">= 0")
         _require(0 <= self.beta1 < 1, "training.beta1", self.beta1, "0 <= beta1 < 1")
         _require(0 <= self.beta2 < 1, "training.beta2", self.beta2, "0 <= beta2 < 1")
-        _require(self.grad_clip_norm > 0, "training.grad_clip_norm", self.grad_clip_norm, "> 0")
+        _require(self.eps > 0, "training.eps", self.eps, "> 0")
+        _require(self.grad_clip_norm is None or self.grad_clip_norm > 0, "training.grad_clip_norm",
+                 self.grad_clip_norm, "> 0, or null for no clipping")
+        _require(self.optimizer in OPTIMIZERS, "training.optimizer", self.optimizer, " | ".join(OPTIMIZERS))
         _require(self.compute_dtype in COMPUTE_DTYPES, "training.compute_dtype", self.compute_dtype,
                  " | ".join(COMPUTE_DTYPES))
         _require(self.loss_chunk_tokens is None or self.loss_chunk_tokens >= 1, "training.loss_chunk_tokens",

@@ -12,6 +12,7 @@ step. Everything host-side (logging, evaluation, the rank curriculum, checkpoint
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from typing import Any, Callable, Iterable
 
@@ -27,6 +28,7 @@ from .errors import NumericalInstabilityError
 from .models.common import split_model
 from .models.resnet_bk import ResNetBK
 from .phase1 import stability_summary
+from .torch_optim import apply_updates, torch_adam, torch_adamw, torch_clip_by_global_norm
 
 
 @struct.dataclass
@@ -49,16 +51,74 @@ def learning_rate_schedule(cfg: TrainConfig) -> optax.Schedule:
         decay_steps=decay_steps, end_value=cfg.learning_rate * cfg.min_lr_ratio)
 
 
-def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
-    # Decay only matrices: biases, LayerNorm scales, bk_scale and 1-D factors are left alone.
-    def decay_mask(params):
-        return jax.tree_util.tree_map(lambda p: p.ndim >= 2, params)
+def lr_multiplier(cfg: TrainConfig, step: int) -> float:
+    """learning_rate_schedule(cfg)(step) / learning_rate in Python doubles: a torch LambdaLR's lambda."""
+    if step < cfg.warmup_steps:
+        return step / cfg.warmup_steps
+    decay_steps = max(cfg.steps, cfg.warmup_steps + 1) - cfg.warmup_steps
+    cosine = 0.5 * (1 + math.cos(math.pi * min(step - cfg.warmup_steps, decay_steps) / decay_steps))
+    return (1 - cfg.min_lr_ratio) * cosine + cfg.min_lr_ratio
 
-    return optax.chain(
-        optax.clip_by_global_norm(cfg.grad_clip_norm),
-        optax.adamw(learning_rate_schedule(cfg), b1=cfg.beta1, b2=cfg.beta2, weight_decay=cfg.weight_decay,
-                    mask=decay_mask),
-    )
+
+_EXPERT_LEAVES = ("w1", "b1", "w2", "b2", "w1_a", "w1_b", "w2_a", "w2_b")  # stacked (E, ...) experts
+
+
+def _module_path(path) -> tuple:
+    return tuple(e.key for e in path if isinstance(e, jax.tree_util.DictKey))
+
+
+def _is_expert_leaf(keys: tuple) -> bool:
+    return len(keys) >= 2 and keys[-2] == "moe_ffn" and keys[-1] in _EXPERT_LEAVES
+
+
+def torch_param_axes(params) -> Any:
+    """Leading axes of each leaf that enumerate separate torch tensors: the stacked experts (one per expert)."""
+    return jax.tree_util.tree_map_with_path(lambda path, _: int(_is_expert_leaf(_module_path(path))), params)
+
+
+def expert_has_grad(grads) -> Any:
+    """Which torch tensors get a gradient: all but the experts that received no token.
+
+    The reference runs an expert only on the tokens routed to it and skips one that got none, so its four
+    tensors have no .grad and torch's optimizer leaves them (and their moments and step count) untouched. Our
+    dense MoE gives such an expert exactly zero gradients, while an expert that got a token has a nonzero
+    gradient (its output bias sees the routed tokens' upstream gradients). Limitation: an expert whose every
+    routing weight underflows to 0 counts as absent, where torch would step it with zero gradients.
+    """
+    used: dict[tuple, jax.Array] = {}
+    for path, g in jax.tree_util.tree_leaves_with_path(grads):
+        keys = _module_path(path)
+        if _is_expert_leaf(keys):
+            nonzero = jnp.any(g.reshape(g.shape[0], -1) != 0, axis=1)
+            used[keys[:-1]] = used[keys[:-1]] | nonzero if keys[:-1] in used else nonzero
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: used[_module_path(path)[:-1]] if _is_expert_leaf(_module_path(path)) else True, grads)
+
+
+def decay_mask(params) -> Any:
+    """Decay only matrices: biases, LayerNorm scales, bk_scale and 1-D factors are left alone (judged per
+    torch tensor, so a stacked expert bias is a vector)."""
+    axes = torch_param_axes(params)
+    return jax.tree.map(lambda p, k: p.ndim - k >= 2, params, axes)
+
+
+def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
+    """The optimizer that `training.optimizer` names, after global-norm clipping unless grad_clip_norm is null.
+
+    torch_adamw / torch_adam reproduce torch.optim.AdamW / Adam bit for bit (phase1_jax.torch_optim) over
+    `model.parameters()` in one group: every parameter decays, as in torch; the schedule is a LambdaLR over
+    `lr_multiplier`, clipping torch's clip_grad_norm_. Apply their updates with `torch_optim.apply_updates`
+    (the training step does).
+    """
+    if cfg.optimizer == "adamw":
+        clip = [] if cfg.grad_clip_norm is None else [optax.clip_by_global_norm(cfg.grad_clip_norm)]
+        return optax.chain(*clip, optax.adamw(learning_rate_schedule(cfg), b1=cfg.beta1, b2=cfg.beta2, eps=cfg.eps,
+                                              weight_decay=cfg.weight_decay, mask=decay_mask))
+    clip = [] if cfg.grad_clip_norm is None else [torch_clip_by_global_norm(cfg.grad_clip_norm)]
+    adam = torch_adamw if cfg.optimizer == "torch_adamw" else torch_adam
+    return optax.chain(*clip, adam(lambda step: cfg.learning_rate * lr_multiplier(cfg, step), total_steps=cfg.steps,
+                                   b1=cfg.beta1, b2=cfg.beta2, eps=cfg.eps, weight_decay=cfg.weight_decay,
+                                   param_axes=torch_param_axes, has_grad=expert_has_grad))
 
 
 def create_train_state(model: ResNetBK, train_cfg: TrainConfig,
@@ -162,7 +222,7 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
                                          compute_dtype, train_cfg.loss_chunk_tokens)
         with jax.named_scope("optimizer"):
             updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-            params = optax.apply_updates(state.params, updates)
+            params = apply_updates(state.params, updates)
         new_state = TrainState(step=state.step + 1, params=params,
                                buffers=_advance_scattering_counters(state.buffers, model_cfg),
                                opt_state=opt_state, rng=rng)

@@ -8,6 +8,9 @@ from phase1_jax.kernels import _pallas_backend
 
 # The golden cases live in the workspace's shared/ folder beside the repository (CI lays it out the same way).
 GOLDEN_DIR = Path(os.environ.get("PHASE1_GOLDEN_DIR", Path(__file__).resolve().parents[2] / "shared" / "golden"))
+# Reference training runs: batches, losses and gradient norms per step, parameters every few steps.
+GOLDEN_TRAINING_DIR = Path(os.environ.get("PHASE1_GOLDEN_TRAINING_DIR",
+                                          Path(__file__).resolve().parents[2] / "shared" / "golden_training"))
 
 # Float32 matmuls at full precision everywhere (GPUs default to TF32, which would blur parity checks).
 jax.config.update("jax_default_matmul_precision", "highest")
@@ -15,6 +18,10 @@ jax.config.update("jax_default_matmul_precision", "highest")
 
 def golden_cases(prefix: str) -> list[Path]:
     return sorted(p for p in GOLDEN_DIR.glob(f"{prefix}*") if (p / "case.json").is_file())
+
+
+def golden_training_cases() -> list[Path]:
+    return sorted(p for p in GOLDEN_TRAINING_DIR.glob("*") if (p / "case.json").is_file())
 
 
 @pytest.fixture

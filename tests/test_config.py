@@ -81,6 +81,24 @@ def test_only_default_bpe_preset_is_bpe_and_its_sizes_agree():
     assert bpe.model == run_preset("default").model.replace(vocab_size=8192)
 
 
+@pytest.mark.parametrize("field,value,fragment", [
+    ("optimizer", "sgd", "adamw | torch_adamw | torch_adam"),
+    ("eps", 0.0, "> 0"),
+    ("grad_clip_norm", -1.0, "null for no clipping"),
+])
+def test_optimizer_fields_validated(field, value, fragment):
+    with pytest.raises(InvalidConfigError) as info:
+        TrainConfig(**{field: value})
+    assert info.value.param_name == f"training.{field}" and fragment in str(info.value)
+
+
+def test_no_clipping_is_null_in_yaml():
+    cfg = RunConfig.from_yaml("training:\n  grad_clip_norm: null\n  optimizer: torch_adamw\n  eps: 1e-6\n")
+    assert cfg.training.grad_clip_norm is None and cfg.training.eps == 1e-6
+    assert RunConfig.from_yaml(cfg.to_yaml()) == cfg
+    assert TrainConfig().optimizer == "adamw" and TrainConfig().eps == 1e-8
+
+
 def test_frozen():
     with pytest.raises(dataclasses.FrozenInstanceError):
         ModelConfig().d_model = 3

@@ -12,6 +12,7 @@ converter's key map reads like the reference's module tree.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -41,6 +42,22 @@ def clamp_like_torch(x: jax.Array, lo: float, hi: float) -> jax.Array:
     jnp.clip would give 0.5 at exact ties, which breaks bit-parity of gradients with the reference.
     """
     return jnp.where((x >= lo) & (x <= hi), x, jnp.clip(x, lo, hi))
+
+
+def reference_matmul_precision(method):
+    """Float32 matmuls at full precision in reference numerics, whatever the global default.
+
+    The reference's PyTorch multiplies float32 in float32 (TF32 is off by default); XLA's default on GPUs is
+    TF32, which makes training drift from the reference. Native models keep the default (and its speed).
+    """
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        if self.config.numerics != "reference":
+            return method(self, *args, **kwargs)
+        with jax.default_matmul_precision("highest"):
+            return method(self, *args, **kwargs)
+
+    return wrapper
 
 
 def primes_below(n: int) -> list[int]:
@@ -219,6 +236,7 @@ class ResNetBK(nnx.Module):
         if not 1 <= length <= cfg.n_seq:
             raise InputValidationError(f"sequence length must be between 1 and n_seq = {cfg.n_seq}; got {length}")
 
+    @reference_matmul_precision
     def hidden_states(self, ids: jax.Array, *, dropout_rng: jax.Array | None = None,
                       compute_dtype: Any = jnp.float32) -> tuple[jax.Array, dict[str, Any]]:
         """The final LayerNorm's output (B, L, D) in compute_dtype, and the aux dict of `forward`."""
@@ -246,6 +264,7 @@ class ResNetBK(nnx.Module):
                        jnp.zeros((), jnp.float32))
         return final, {"aux_loss": aux_loss, "blocks": per_block}
 
+    @reference_matmul_precision
     def logits_from_hidden(self, final: jax.Array, *, inference: bool = False) -> jax.Array:
         """LM head: float32 logits (..., V) from `hidden_states` output."""
         with jax.named_scope("lm_head"):
