@@ -158,7 +158,11 @@ def cmd_convert_to_phase1(args: argparse.Namespace) -> int:
     from .converters.phase1_conversion import convert_checkpoint_to_phase1
 
     changes = {k: v for k, v in dict(htt_rank=args.htt_rank, ar_ssm_max_rank=args.ar_ssm_max_rank,
-                                     ar_ssm_min_rank=args.ar_ssm_min_rank).items() if v is not None}
+                                     ar_ssm_min_rank=args.ar_ssm_min_rank, lm_head=args.lm_head).items()
+               if v is not None}
+    if args.expert_rank_ratio is not None:
+        # "none" turns a preset's low-rank experts off; anything else is checked by Phase1Config.
+        changes["expert_rank_ratio"] = None if args.expert_rank_ratio.lower() == "none" else args.expert_rank_ratio
     _, report = convert_checkpoint_to_phase1(args.checkpoint, args.out_dir, preset=args.preset,
                                              numerics=args.numerics, **changes)
     _print_report(report)
@@ -234,6 +238,9 @@ def build_parser() -> argparse.ArgumentParser:
     to_p1.add_argument("--htt-rank", type=int)
     to_p1.add_argument("--ar-ssm-max-rank", type=int)
     to_p1.add_argument("--ar-ssm-min-rank", type=int)
+    to_p1.add_argument("--lm-head", choices=["dense", "htt_tied"], help="htt_tied: head tied to the HTT embedding")
+    to_p1.add_argument("--expert-rank-ratio", metavar="RATIO|none",
+                       help="low-rank experts of rank round(RATIO * d_model) (SVD of the trained ones); none: dense")
     to_p1.add_argument("--numerics", choices=["reference", "native"], help="default: keep the checkpoint's")
     to_p1.set_defaults(func=cmd_convert_to_phase1)
 
