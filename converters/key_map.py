@@ -7,6 +7,9 @@ Each module class has a rule that declares, in the torch state dict's order, onl
     Submodule(torch_name, jax_name)           a child module (for an nnx.List, one per item: name.0, name.1, ...)
     NotStored(jax_name, initial)              a variable that torch state dicts do not carry
 
+A rule may also be a function of the module returning its entries, for a class whose stored tensors depend on
+its configuration (SparseMoE: dense or low-rank experts).
+
 `key_map(module)` walks a module with these rules and reads every shape and dtype off its variables (an
 abstract module from `nnx.eval_shape` is enough): a key's torch shape is the JAX shape sent through the
 declared transform. It raises `KeyMapError` if a module has no rule, a declared variable is absent, or a
@@ -31,7 +34,7 @@ from phase1_jax.models.common import split_model
 from phase1_jax.models.htt import HolographicTTEmbedding
 from phase1_jax.models.lns import LNSLinear
 from phase1_jax.models.moe import SparseMoE
-from phase1_jax.models.resnet_bk import MoEResNetBKLayer, ResNetBK, ResNetBKBlock
+from phase1_jax.models.resnet_bk import MoEResNetBKLayer, ResNetBK, ResNetBKBlock, TiedHTTHead
 
 Shape = tuple[int, ...]
 JaxPath = tuple[Any, ...]
@@ -115,6 +118,7 @@ class NotStored:
 
 
 Entry = Tensor | PerRow | Submodule | NotStored
+Rule = tuple[Entry, ...] | Callable[[nnx.Module], tuple[Entry, ...]]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -124,7 +128,25 @@ Entry = Tensor | PerRow | Submodule | NotStored
 
 LINEAR = (Tensor("weight", "kernel", LINEAR_KERNEL), Tensor("bias", optional=True))
 
-RULES: dict[type, tuple[Entry, ...]] = {
+
+def _sparse_moe(moe: SparseMoE) -> tuple[Entry, ...]:
+    if moe.expert_rank is None:
+        # Each torch expert is Sequential(Linear, ReLU, Dropout, Linear): indices 0 and 3 hold the weights.
+        experts = (Tensor("0.weight", "w1", LINEAR_KERNEL), Tensor("0.bias", "b1"),
+                   Tensor("3.weight", "w2", LINEAR_KERNEL), Tensor("3.bias", "b2"))
+    else:
+        # Low-rank experts (ours): Sequential(LowRankLinear, ReLU, Dropout, LowRankLinear), where a LowRankLinear
+        # computes b(a(x)) + bias with bias-free Linears a (in -> rank) and b (rank -> out). The bias keeps the
+        # dense layout's key; torch lists a module's own parameters before its submodules'.
+        experts = (Tensor("0.bias", "b1"), Tensor("0.a.weight", "w1_a", LINEAR_KERNEL),
+                   Tensor("0.b.weight", "w1_b", LINEAR_KERNEL),
+                   Tensor("3.bias", "b2"), Tensor("3.a.weight", "w2_a", LINEAR_KERNEL),
+                   Tensor("3.b.weight", "w2_b", LINEAR_KERNEL))
+    return (Tensor("scattering_step_counter", transform=INT64_COUNTER), PerRow("experts", experts),
+            Submodule("gating_network"))
+
+
+RULES: dict[type, Rule] = {
     nnx.Linear: LINEAR,
     LNSLinear: LINEAR,  # an LNS head keeps nnx.Linear's kernel/bias layout
     nnx.LayerNorm: (Tensor("weight", "scale"), Tensor("bias")),
@@ -142,13 +164,7 @@ RULES: dict[type, tuple[Entry, ...]] = {
         # A plain Python attribute in the reference that starts at max_rank (REFERENCE_SPEC §2.2).
         NotStored("current_max_rank", lambda layer: layer.max_rank),
     ),
-    SparseMoE: (
-        Tensor("scattering_step_counter", transform=INT64_COUNTER),
-        # Each torch expert is Sequential(Linear, ReLU, Dropout, Linear): indices 0 and 3 hold the weights.
-        PerRow("experts", (Tensor("0.weight", "w1", LINEAR_KERNEL), Tensor("0.bias", "b1"),
-                           Tensor("3.weight", "w2", LINEAR_KERNEL), Tensor("3.bias", "b2"))),
-        Submodule("gating_network"),
-    ),
+    SparseMoE: _sparse_moe,
     MoEResNetBKLayer: (
         Tensor("bk_scale"),
         Tensor("h0_diag_base"), Tensor("h0_sub_base"), Tensor("h0_super_base"), Tensor("z"),
@@ -169,6 +185,8 @@ RULES: dict[type, tuple[Entry, ...]] = {
         Submodule("layer_norm_final"),
         Submodule("lm_head"),
     ),
+    # The tied head's weight is the token embedding's HTT cores, stored once under token_embedding.
+    TiedHTTHead: (Tensor("bias"),),
 }
 
 
@@ -218,7 +236,8 @@ class KeyMap:
 def _rule_for(module: nnx.Module, where: str) -> tuple[Entry, ...]:
     for cls in type(module).__mro__:
         if cls in RULES:
-            return RULES[cls]
+            rule = RULES[cls]
+            return rule(module) if callable(rule) else rule
     raise KeyMapError(f"no key rule for {type(module).__name__} at '{where or '<root>'}': declare its torch "
                       f"names in phase1_jax.converters.key_map.RULES")
 
@@ -338,6 +357,7 @@ def abstract_model(config: ModelConfig) -> ResNetBK:
 def model_key_map(config: ModelConfig, torch_prefix: str = "") -> KeyMap:
     """Torch keys of `ResNetBK(config)` in order: the reference LanguageModel (REFERENCE_SPEC §1.3) for a baseline
     config; for a Phase 1 config, HTT cores in place of embedding weights (as the reference's
-    Phase1IntegratedModel stores them, §2.12) and, per AR-SSM block, `ar_ssm_norm.*` and `ar_ssm.*` keys
-    (phase1-jax's own layout: the reference never inserts AR-SSM layers)."""
+    Phase1IntegratedModel stores them, §2.12) and, in phase1-jax's own layout (the reference has none of these):
+    per AR-SSM block `ar_ssm_norm.*` and `ar_ssm.*`, for a tied HTT head only `lm_head.bias`, and for low-rank
+    experts `experts.{k}.{0,3}.{bias,a.weight,b.weight}`."""
     return key_map(abstract_model(config), torch_prefix)

@@ -14,8 +14,9 @@ The twin mirrors the JAX forward (phase1_jax/models/resnet_bk.py) in eval mode:
   length must equal n_seq.
 * numerics "native": the causal or bidirectional continued fractions, computed sequentially in complex128 (the JAX
   model uses a normalised parallel scan in float32; both are finite at any length); any length 1..n_seq.
-* Phase 1: HTT token (and optionally position) embedding, AR-SSM sub-layers before the BK/MoE sub-layer, and an
-  LNS head as an ordinary Linear (it equals the JAX model's non-inference logits).
+* Phase 1: HTT token (and optionally position) embedding, AR-SSM sub-layers before the BK/MoE sub-layer, an
+  LNS head as an ordinary Linear (it equals the JAX model's non-inference logits), a head tied to the HTT cores
+  (lm_head = bias only) and low-rank experts (each expert Linear a `LowRankLinear`: b(a(x)) + bias).
 
 The twin is meant for inference: autograd runs through it but does not reproduce the JAX model's custom BK-Core
 gradients. Parameters are float32 (a bfloat16 export is upcast by `load_state_dict`).
@@ -35,6 +36,8 @@ __all__ = [
     "ResNetBKBlockTwin",
     "MoEResNetBKLayerTwin",
     "SparseMoETwin",
+    "LowRankLinear",
+    "TiedHTTHeadTwin",
     "HolographicTTEmbeddingTwin",
     "AdaptiveRankSemiseparableTwin",
     "reference_resolvent_diagonal",
@@ -125,6 +128,26 @@ def bidirectional_resolvent_diagonal(a: torch.Tensor, b: torch.Tensor, c: torch.
 # Modules. Attribute names and registration order give the state-dict keys and their order.
 # ------------------------------------------------------------------------------------------------------------------
 
+class LowRankLinear(nn.Module):
+    """x -> b(a(x)) + bias: a Linear (in -> out) whose weight is the rank-`rank` product b.weight @ a.weight.
+
+    The JAX expert computes (x A) B + bias with A = a.weight.T and B = b.weight.T, in this order.
+    """
+
+    def __init__(self, in_features: int, out_features: int, rank: int):
+        super().__init__()
+        self.bias = nn.Parameter(torch.zeros(out_features))
+        self.a = nn.Linear(in_features, rank, bias=False)
+        self.b = nn.Linear(rank, out_features, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(self.a(x)) + self.bias
+
+
+def _expert_linear(in_features: int, out_features: int, rank: int | None) -> nn.Module:
+    return nn.Linear(in_features, out_features) if rank is None else LowRankLinear(in_features, out_features, rank)
+
+
 class SparseMoETwin(nn.Module):
     """Top-k softmax routing over two-layer ReLU experts (dense softmax routing when top_k >= num_experts).
 
@@ -134,7 +157,7 @@ class SparseMoETwin(nn.Module):
     """
 
     def __init__(self, d_model: int, num_experts: int, top_k: int, dropout: float, *, scattering_scale: float,
-                 scattering_scale_warmup_steps: int, use_scattering: bool):
+                 scattering_scale_warmup_steps: int, use_scattering: bool, expert_rank: int | None = None):
         super().__init__()
         self.num_experts = num_experts
         self.top_k = top_k
@@ -145,8 +168,8 @@ class SparseMoETwin(nn.Module):
         self.register_buffer("scattering_step_counter", torch.zeros((), dtype=torch.int64))
         # Sequential indices 0 and 3 are the reference's expert keys (1 = ReLU, 2 = Dropout hold no state).
         self.experts = nn.ModuleList(
-            nn.Sequential(nn.Linear(d_model, 2 * d_model), nn.ReLU(), nn.Dropout(dropout),
-                          nn.Linear(2 * d_model, d_model))
+            nn.Sequential(_expert_linear(d_model, 2 * d_model, expert_rank), nn.ReLU(), nn.Dropout(dropout),
+                          _expert_linear(2 * d_model, d_model, expert_rank))
             for _ in range(num_experts))
         self.gating_network = nn.Linear(d_model, num_experts)
 
@@ -183,6 +206,8 @@ class MoEResNetBKLayerTwin(nn.Module):
 
     def __init__(self, config: ModelConfig):
         super().__init__()
+        from phase1_jax.models.resnet_bk import expert_rank  # lazy: importing the JAX model pulls in jax
+
         d, n = config.d_model, config.n_seq
         self.numerics = config.numerics
         self.bk_direction = config.bk_direction
@@ -194,7 +219,8 @@ class MoEResNetBKLayerTwin(nn.Module):
         self.moe_ffn = SparseMoETwin(d, config.num_experts, config.top_k, config.dropout,
                                      scattering_scale=config.scattering_scale,
                                      scattering_scale_warmup_steps=config.scattering_scale_warmup_steps,
-                                     use_scattering=config.numerics == "reference")
+                                     use_scattering=config.numerics == "reference",
+                                     expert_rank=expert_rank(config))
         self.v_proj = nn.Linear(d, 1)
         self.output_proj = nn.Linear(2, d)
 
@@ -228,6 +254,7 @@ class HolographicTTEmbeddingTwin(nn.Module):
         super().__init__()
         from phase1_jax.models.htt import tt_factorization  # lazy: importing the JAX model pulls in jax
 
+        self.vocab_size = vocab_size
         self.d_model = d_model
         self.phase_encoding = phase_encoding
         self.v1, self.v2, self.d1, self.d2 = tt_factorization(vocab_size, d_model)
@@ -239,15 +266,37 @@ class HolographicTTEmbeddingTwin(nn.Module):
             # Kept as a buffer so the keys do not depend on phase_encoding (as in the reference).
             self.register_buffer("phase_shift", torch.zeros(rank))
 
+    def phased_core1(self) -> torch.Tensor:
+        """core1 as (v1, r, d1) times cos(phase_shift) on the rank axis."""
+        core1 = self.core1[:, 0]
+        # Applied before the gather, like the JAX model: the same products, hence the same rounding.
+        return core1 * torch.cos(self.phase_shift)[:, None] if self.phase_encoding else core1
+
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        core1 = self.core1[:, 0]  # (v1, r, d1)
-        if self.phase_encoding:
-            # Applied before the gather, like the JAX model: the same products, hence the same rounding.
-            core1 = core1 * torch.cos(self.phase_shift)[:, None]
-        left = core1[torch.div(ids, self.v2, rounding_mode="floor")]  # (..., r, d1)
+        left = self.phased_core1()[torch.div(ids, self.v2, rounding_mode="floor")]  # (..., r, d1)
         right = self.core2[:, :, 0][torch.remainder(ids, self.v2)]  # (..., r, d2)
         table = torch.einsum("...rj,...rk->...jk", left, right)
         return table.reshape(*ids.shape, self.d1 * self.d2)[..., :self.d_model]
+
+    def logits_from_cores(self, h: torch.Tensor) -> torch.Tensor:
+        """h @ table.T, shape (..., V), contracted with the cores (core2 first, as the JAX model does): the V x D
+        table is never formed."""
+        batch = h.shape[:-1]
+        padded = F.pad(h, (0, self.d1 * self.d2 - self.d_model)).reshape(*batch, self.d1, self.d2)
+        t = torch.einsum("...jk,brk->...jbr", padded, self.core2[:, :, 0])
+        logits = torch.einsum("...jbr,arj->...ab", t, self.phased_core1())
+        return logits.reshape(*batch, self.v1 * self.v2)[..., :self.vocab_size]
+
+
+class TiedHTTHeadTwin(nn.Module):
+    """logits = h · Eᵀ + bias with E the HTT token embedding's table; the only parameter is the bias."""
+
+    def __init__(self, vocab_size: int):
+        super().__init__()
+        self.bias = nn.Parameter(torch.zeros(vocab_size))
+
+    def forward(self, h: torch.Tensor, embedding: HolographicTTEmbeddingTwin) -> torch.Tensor:
+        return embedding.logits_from_cores(h) + self.bias.to(h.dtype)
 
 
 class AdaptiveRankSemiseparableTwin(nn.Module):
@@ -329,8 +378,11 @@ class ResNetBKTwin(nn.Module):
         self.blocks = nn.ModuleList(ResNetBKBlockTwin(config, with_ar_ssm=i in ar_blocks)
                                     for i in range(config.n_layers))
         self.layer_norm_final = nn.LayerNorm(d, eps=LAYER_NORM_EPS)
-        # An LNS head is an ordinary Linear here: its weights are a plain kernel and bias.
-        self.lm_head = nn.Linear(d, config.vocab_size)
+        if p1 is not None and p1.lm_head == "htt_tied":
+            self.lm_head = TiedHTTHeadTwin(config.vocab_size)
+        else:
+            # An LNS head is an ordinary Linear here: its weights are a plain kernel and bias.
+            self.lm_head = nn.Linear(d, config.vocab_size)
 
     def check_ids(self, ids: torch.Tensor) -> None:
         """Rank 2, integer dtype, the numerics mode's length rule, ids in [0, vocab_size)."""
@@ -356,7 +408,10 @@ class ResNetBKTwin(nn.Module):
         h = self.token_embedding(ids) + self.position_embedding(positions)
         for block in self.blocks:
             h = block(h)
-        return self.lm_head(self.layer_norm_final(h)).float()
+        final = self.layer_norm_final(h)
+        if isinstance(self.lm_head, TiedHTTHeadTwin):
+            return self.lm_head(final, self.token_embedding).float()
+        return self.lm_head(final).float()
 
 
 def build_torch_twin(config: ModelConfig) -> ResNetBKTwin:

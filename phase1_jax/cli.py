@@ -130,7 +130,8 @@ def cmd_import_torch(args: argparse.Namespace) -> int:
         prime_bump_scale=args.prime_bump_scale, scattering_scale=args.scattering_scale,
         scattering_scale_warmup_steps=args.scattering_scale_warmup_steps, numerics=args.numerics,
         htt_phase_encoding=False if args.no_phase_encoding else None, ar_ssm_min_rank=args.ar_ssm_min_rank,
-        ar_ssm_local_conv=args.ar_ssm_local_conv).items() if v is not None}
+        ar_ssm_local_conv=args.ar_ssm_local_conv, expert_rank_ratio=args.expert_rank_ratio).items()
+        if v is not None}
     path, config, layout = import_torch(args.src, args.out_dir, allow_code=args.allow_pickle_code,
                                         overwrite=args.overwrite, **options)
     print(f"imported {layout} checkpoint: vocab {config.vocab_size}, d_model {config.d_model}, "
@@ -157,7 +158,11 @@ def cmd_convert_to_phase1(args: argparse.Namespace) -> int:
     from .converters.phase1_conversion import convert_checkpoint_to_phase1
 
     changes = {k: v for k, v in dict(htt_rank=args.htt_rank, ar_ssm_max_rank=args.ar_ssm_max_rank,
-                                     ar_ssm_min_rank=args.ar_ssm_min_rank).items() if v is not None}
+                                     ar_ssm_min_rank=args.ar_ssm_min_rank, lm_head=args.lm_head).items()
+               if v is not None}
+    if args.expert_rank_ratio is not None:
+        # "none" turns a preset's low-rank experts off; anything else is checked by Phase1Config.
+        changes["expert_rank_ratio"] = None if args.expert_rank_ratio.lower() == "none" else args.expert_rank_ratio
     _, report = convert_checkpoint_to_phase1(args.checkpoint, args.out_dir, preset=args.preset,
                                              numerics=args.numerics, **changes)
     _print_report(report)
@@ -213,6 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--no-phase-encoding", action="store_true", help="HTT cores were built without phase")
     imp.add_argument("--ar-ssm-min-rank", type=int, help="AR-SSM min rank (not stored in state dicts)")
     imp.add_argument("--ar-ssm-local-conv", choices=["causal", "centered"], help="AR-SSM conv alignment")
+    imp.add_argument("--expert-rank-ratio", type=float,
+                     help="record this ratio for low-rank experts (default rank / d_model; must give the rank)")
     imp.add_argument("--allow-pickle-code", action="store_true",
                      help="load pickles that carry code (only for files you trust)")
     imp.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
@@ -231,6 +238,9 @@ def build_parser() -> argparse.ArgumentParser:
     to_p1.add_argument("--htt-rank", type=int)
     to_p1.add_argument("--ar-ssm-max-rank", type=int)
     to_p1.add_argument("--ar-ssm-min-rank", type=int)
+    to_p1.add_argument("--lm-head", choices=["dense", "htt_tied"], help="htt_tied: head tied to the HTT embedding")
+    to_p1.add_argument("--expert-rank-ratio", metavar="RATIO|none",
+                       help="low-rank experts of rank round(RATIO * d_model) (SVD of the trained ones); none: dense")
     to_p1.add_argument("--numerics", choices=["reference", "native"], help="default: keep the checkpoint's")
     to_p1.set_defaults(func=cmd_convert_to_phase1)
 

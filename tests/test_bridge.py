@@ -278,3 +278,127 @@ def test_phase1_export_with_ar_ssm_imports_back(tmp_path):
     np.testing.assert_array_equal(np.load(tmp_path / "l.npy"), np.asarray(expected))
     assert _cli("export-torch", tmp_path / "ckpt", tmp_path / "back.pt") == 0
     _assert_identical(state, torch.load(tmp_path / "back.pt", weights_only=True))
+
+
+# ------------------------------------------------------------------------------ tied HTT head, low-rank experts
+
+def _layout_of(config):
+    """A zero state dict with the layout of ResNetBK(config), read off the key map (no model is built)."""
+    from phase1_jax.converters.key_map import model_key_map
+
+    dtypes = {"float": np.float32, "complex64": np.complex64, "int64": np.int64}
+    return OrderedDict((m.torch_key, np.zeros(m.torch_shape, dtypes[m.torch_dtype])) for m in model_key_map(config))
+
+
+def _tiny_phase1_config(**phase1_changes):
+    """What the shapes cannot tell at the reference's defaults, so that inference can give back the config."""
+    from phase1_jax.config import ModelConfig
+    from phase1_jax.phase1_config import Phase1Config
+
+    phase1 = Phase1Config(ar_ssm_max_rank=6, ar_ssm_min_rank=4, ar_ssm_gate_hidden_dim=4, htt_rank=4,
+                          ar_ssm_layers=(1,), use_gradient_checkpointing=False, checkpoint_ar_ssm=False)
+    return ModelConfig(vocab_size=40, d_model=16, n_layers=2, n_seq=20, num_experts=3, numerics="reference",
+                       phase1=phase1.replace(**phase1_changes))
+
+
+@pytest.mark.parametrize("lm_head", ["dense", "htt_tied"])
+@pytest.mark.parametrize("ratio", [None, 0.25, 0.3], ids=["dense_experts", "rank4", "rank5"])
+def test_config_inferred_for_every_head_and_expert_layout(lm_head, ratio):
+    from phase1_jax.converters.layouts import detect_layout, infer_model_config
+    from phase1_jax.models.resnet_bk import expert_rank
+
+    config = _tiny_phase1_config(lm_head=lm_head, expert_rank_ratio=ratio)
+    state = _layout_of(config)
+    assert ("lm_head.weight" in state) == (lm_head == "dense")
+    assert detect_layout(state) == "phase1_jax"
+    inferred = infer_model_config(state, "phase1_jax")
+    # The ratio is recorded as rank / d_model: 0.25 stays 0.25; 0.3 (rank round(4.8) = 5) becomes 5/16.
+    rank = expert_rank(config)
+    assert inferred == config.replace(phase1=config.phase1.replace(
+        expert_rank_ratio=None if rank is None else rank / 16))
+    assert expert_rank(inferred) == rank
+    if ratio is not None:  # a ratio given as an option is kept when it gives the stored rank
+        assert infer_model_config(state, "phase1_jax", expert_rank_ratio=ratio) == config
+
+
+def test_low_rank_experts_alone_are_a_phase1_layout():
+    from phase1_jax.converters.bridge import model_from_state_dict
+
+    config = _tiny_phase1_config(htt_enabled=False, ar_ssm_enabled=False, ar_ssm_layers=None,
+                                 expert_rank_ratio=0.125)
+    model = model_from_state_dict(_layout_of(config))
+    assert model.config.phase1.expert_rank_ratio == 0.125 and model.blocks[1].bk_layer.moe_ffn.expert_rank == 2
+
+
+def _mismatch(state, **options):
+    from phase1_jax.converters.bridge import model_from_state_dict
+    from phase1_jax.converters.state_dict import StateDictMismatchError
+
+    with pytest.raises(StateDictMismatchError) as err:
+        model_from_state_dict(state, **options)
+    return err.value.problems
+
+
+def test_a_misshaped_low_rank_factor_is_one_error_naming_it():
+    config = _tiny_phase1_config(lm_head="htt_tied", expert_rank_ratio=0.25)
+    for key, shape in (("blocks.1.bk_layer.moe_ffn.experts.2.3.b.weight", (16, 5)),
+                       # The first factor of all: the rank is the most common one, so only this key is wrong.
+                       ("blocks.0.bk_layer.moe_ffn.experts.0.0.a.weight", (5, 16)),
+                       ("blocks.0.bk_layer.moe_ffn.experts.1.0.b.weight", (32, 4, 1))):
+        state = _layout_of(config)
+        expected = state[key].shape
+        state[key] = np.zeros(shape, np.float32)
+        assert _mismatch(state) == [f"'{key}' has shape {shape}, expected {expected}"]
+
+
+def test_impossible_ranks_and_ratios_are_refused_by_name():
+    config = _tiny_phase1_config(lm_head="htt_tied", expert_rank_ratio=0.25)
+    state = _layout_of(config)
+    key = "blocks.0.bk_layer.moe_ffn.experts.0.0.a.weight"
+    problems = _mismatch(state, expert_rank_ratio=0.3)
+    assert problems == [f"expert_rank_ratio 0.3 gives rank 5 at d_model = 16, but '{key}' has rank 4"]
+    full = OrderedDict((k, np.zeros((16, v.shape[1]) if k.endswith(".a.weight") else
+                                    (v.shape[0], 16) if k.endswith(".b.weight") else v.shape, v.dtype))
+                       for k, v in state.items())
+    assert _mismatch(full) == [f"'{key}' has rank 16, but low-rank experts need a rank below d_model = 16 "
+                               "(expert_rank_ratio < 1)"]
+    dense = _layout_of(_tiny_phase1_config())
+    assert _mismatch(dense, expert_rank_ratio=0.25) == [
+        "expert_rank_ratio 0.25 was given, but the state dict holds dense experts"]
+    state["lm_head.bias"] = np.zeros(30, np.float32)  # 30 tokens factor as 6 x 5, the cores hold 7 x 6
+    assert _mismatch(state) == [
+        "tied head: 'lm_head.bias' has 30 entries (the vocabulary), which needs HTT cores of 6 and 5 rows at "
+        "d_model = 16, but 'token_embedding.core1' has 7 and 'token_embedding.core2' 6"]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_tied_head_low_rank_export_round_trips(tmp_path, dtype):
+    """export -> import -> the same logits bit for bit and the same export, in float32 and bfloat16."""
+    import jax
+    from flax import nnx
+
+    from phase1_jax.checkpoint import load_checkpoint
+    from phase1_jax.converters.bridge import state_dict_from_model
+    from phase1_jax.converters.torch_io import numpy_to_tensor
+    from phase1_jax.models.resnet_bk import ResNetBK
+
+    config = _tiny_phase1_config(lm_head="htt_tied", expert_rank_ratio=0.3).replace(numerics="native",
+                                                                                     param_dtype=dtype)
+    model = ResNetBK(config, rngs=nnx.Rngs(4))
+    rng = np.random.default_rng(0)
+    model.lm_head.bias[...] = jax.numpy.asarray(rng.standard_normal(40), dtype)  # init is zeros: make it count
+    state = OrderedDict((k, numpy_to_tensor(v)) for k, v in state_dict_from_model(model).items())
+    assert "lm_head.weight" not in state and state["lm_head.bias"].dtype == getattr(torch, dtype)
+    torch.save(state, tmp_path / "p1.pt")
+    assert _cli("import-torch", tmp_path / "p1.pt", tmp_path / "ckpt", "--numerics", "native",
+                "--expert-rank-ratio", "0.3") == 0
+    imported_config, _ = load_checkpoint(tmp_path / "ckpt")
+    assert imported_config.model == config
+    assert _cli("export-torch", tmp_path / "ckpt", tmp_path / "back.pt") == 0
+    _assert_identical(state, torch.load(tmp_path / "back.pt", weights_only=True))
+    if dtype == "float32":
+        ids = rng.integers(0, 40, size=(2, 20))
+        np.save(tmp_path / "ids.npy", ids)
+        assert _cli("logits", tmp_path / "ckpt", "--ids", tmp_path / "ids.npy", "--out", tmp_path / "l.npy") == 0
+        expected = jax.jit(lambda m, x: m(x, inference=True))(model, ids)
+        np.testing.assert_array_equal(np.load(tmp_path / "l.npy"), np.asarray(expected))

@@ -12,10 +12,11 @@ from phase1_jax.cli import main
 from phase1_jax.config import ModelConfig, TrainConfig
 from phase1_jax.models.common import split_model
 from phase1_jax.converters.phase1_conversion import (carry_optimizer_state, convert_from_phase1,
-                                                     convert_to_phase1)
+                                                     convert_to_phase1, low_rank_factors)
 from phase1_jax.errors import InvalidConfigError
 from phase1_jax.models.resnet_bk import ResNetBK
-from phase1_jax.phase1_config import Phase1Config
+from phase1_jax.phase1 import parameter_breakdown
+from phase1_jax.phase1_config import Phase1Config, get_preset_config
 from phase1_jax.train import make_optimizer
 
 BASE = ModelConfig(vocab_size=64, d_model=16, n_layers=2, n_seq=12, num_experts=2, dropout=0.0)
@@ -24,10 +25,16 @@ P1 = Phase1Config(ar_ssm_max_rank=4, ar_ssm_min_rank=2, htt_rank=4, use_gradient
 
 
 def _trained_like(config=BASE, seed=0):
-    """A baseline whose embedding is far from its init (as after training): a full-rank random table."""
+    """A baseline whose embedding is far from its init (as after training): a full-rank random table. Biases leave
+    their zero init too, so that keeping them is visible."""
     model = ResNetBK(config, rngs=nnx.Rngs(seed))
-    table = np.random.default_rng(seed).standard_normal((config.vocab_size, config.d_model)).astype(np.float32)
+    rng = np.random.default_rng(seed)
+    table = rng.standard_normal((config.vocab_size, config.d_model)).astype(np.float32)
     model.token_embedding.embedding[...] = table * 0.3
+    model.lm_head.bias[...] = rng.standard_normal(config.vocab_size).astype(np.float32)
+    for block in model.blocks:
+        moe = block.bk_layer.moe_ffn
+        moe.b1[...] = 0.1 * rng.standard_normal(moe.b1.shape).astype(np.float32)
     return model
 
 
@@ -130,9 +137,110 @@ def test_checkpoint_conversion_records_its_source(tmp_path):
     assert config.model.numerics == "native" and config.model.phase1.htt_rank == 8  # the 8gb preset's rank
     assert converted.blocks[0].ar_ssm.max_rank == 4
     assert "logit_difference" not in report  # numerics changed: the two models compute different functions
+    assert report["experts_low_rank"]["rank"] == 4 and report["lm_head"]["bias_kept"]  # 8gb: rank d/4, tied head
 
     path, report = convert_checkpoint_from_phase1(path, tmp_path / "back", drop_ar_ssm=True)
     meta = json.loads((path / "meta.json").read_text())
     assert meta["conversion"] == "from_phase1" and meta["converted_from"] == str(tmp_path / "p1")
     assert "source_torch_layout" not in meta and report["dropped_ar_ssm_blocks"] == [0, 1]
+    assert report["experts_expanded"] == {"rank": 4} and report["lm_head_untied"]
+    assert report["logit_difference"]["max_abs"] < 1e-5
     assert load_checkpoint(path)[0].model.phase1 is None
+
+
+def test_cli_tied_low_rank_conversion_exports_to_torch(tmp_path, capsys):
+    """convert-to-phase1 with a tied head and low-rank experts, then export-torch: the file loads strictly into the
+    PyTorch twin, which computes the checkpoint's logits, and imports back to the same logits bit for bit."""
+    torch = pytest.importorskip("torch")
+    from phase1_jax.checkpoint import load_checkpoint, save_checkpoint
+    from phase1_jax.config import RunConfig
+    from phase1_jax.converters.torch_twins import build_torch_twin
+
+    model = _trained_like()
+    _, params, buffers = split_model(model)
+    save_checkpoint(tmp_path / "base", RunConfig(model=model.config), params, buffers)
+    assert main(["convert-to-phase1", str(tmp_path / "base"), str(tmp_path / "bad"), "--preset", "10gb",
+                 "--expert-rank-ratio", "1.5"]) == 2
+    assert "expert_rank_ratio" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+    # 10gb ties the head; the flag adds experts of rank 0.5 * 16 = 8.
+    assert main(["convert-to-phase1", str(tmp_path / "base"), str(tmp_path / "p1"), "--preset", "10gb",
+                 "--expert-rank-ratio", "0.5"]) == 0
+    report = json.loads((tmp_path / "p1" / "meta.json").read_text())["conversion_report"]
+    assert report["experts_low_rank"]["rank"] == 8 and report["lm_head"]["replaced"] == "dense -> htt_tied"
+    ids = np.random.default_rng(0).integers(0, 64, size=(2, 12))
+    np.save(tmp_path / "ids.npy", ids)
+    assert main(["logits", str(tmp_path / "p1"), "--ids", str(tmp_path / "ids.npy"),
+                 "--out", str(tmp_path / "p1.npy")]) == 0
+    assert main(["export-torch", str(tmp_path / "p1"), str(tmp_path / "p1.pt")]) == 0
+    state = torch.load(tmp_path / "p1.pt", weights_only=True)
+    assert "lm_head.weight" not in state and "blocks.0.bk_layer.moe_ffn.experts.1.3.a.weight" in state
+    twin = build_torch_twin(load_checkpoint(tmp_path / "p1")[0].model)
+    twin.load_state_dict(state, strict=True)
+    with torch.no_grad():
+        np.testing.assert_allclose(twin(torch.from_numpy(ids)).numpy(), np.load(tmp_path / "p1.npy"), atol=1e-5)
+    assert main(["import-torch", str(tmp_path / "p1.pt"), str(tmp_path / "back"), "--numerics", "native"]) == 0
+    assert main(["logits", str(tmp_path / "back"), "--ids", str(tmp_path / "ids.npy"),
+                 "--out", str(tmp_path / "back.npy")]) == 0
+    np.testing.assert_array_equal(np.load(tmp_path / "back.npy"), np.load(tmp_path / "p1.npy"))
+
+
+def test_low_rank_factors_are_the_truncated_svd():
+    rng = np.random.default_rng(1)
+    w = rng.standard_normal((3, 16, 32)) * np.linspace(2.0, 0.1, 16)[None, :, None]  # a decaying spectrum
+    w[2] = 0.0
+    a, b, fit = low_rank_factors(w.astype(np.float32), 4)
+    assert a.shape == (3, 16, 4) and b.shape == (3, 4, 32) and a.dtype == b.dtype == np.float32
+    for e in range(2):
+        u, s, vt = np.linalg.svd(w[e].astype(np.float32).astype(np.float64))
+        best = (u[:, :4] * s[:4]) @ vt[:4]
+        np.testing.assert_allclose(a[e].astype(np.float64) @ b[e], best, atol=1e-5)
+        bound = np.sqrt(np.sum(s[4:] ** 2)) / np.linalg.norm(s)
+        assert fit["error_bound"][e] == pytest.approx(bound, rel=1e-12)
+        # Eckart-Young: nothing of rank 4 does better; the stored float32 factors reach the bound up to rounding.
+        assert fit["relative_error"][e] == pytest.approx(bound, rel=1e-5)
+        # sqrt(S) on both sides: the factors have equal column / row norms.
+        np.testing.assert_allclose(np.linalg.norm(a[e], axis=0), np.linalg.norm(b[e], axis=1), rtol=1e-5)
+    assert fit["relative_error"][2] == fit["error_bound"][2] == 0 and not np.any(a[2])  # a zero matrix stays zero
+    exact = np.einsum("emk,ekn->emn", a, b)  # already rank 4: refactoring loses only float32 rounding
+    assert low_rank_factors(exact, 4)[2]["relative_error"][:2].max() < 1e-6
+    _, _, bf16 = low_rank_factors(w, 4, jax.numpy.bfloat16)
+    assert np.all(bf16["relative_error"][:2] >= fit["error_bound"][:2])
+    assert np.all(bf16["relative_error"][:2] < fit["error_bound"][:2] + 1e-2)
+
+
+def test_8gb_preset_keeps_the_trained_weights_and_comes_back_exactly():
+    """Tied HTT head + experts of rank d/4: optimal factors, biases kept, and the rollback to a dense head and
+    dense experts computes the Phase 1 model's logits."""
+    model = _trained_like()
+    converted, report = convert_to_phase1(model, get_preset_config("8gb"))
+    experts = report["experts_low_rank"]
+    assert experts["rank"] == 4 and experts["expert_rank_ratio"] == 0.25
+    assert experts["matrices"] == BASE.n_layers * 2 * BASE.num_experts
+    assert experts["compression_ratio"] == pytest.approx(4 * (16 + 32) / (16 * 32))
+    assert 0 < experts["relative_error"]["max"] < 1
+    for stat in ("max", "mean"):
+        assert experts["relative_error"][stat] == pytest.approx(experts["eckart_young_bound"][stat], rel=1e-5)
+    trained = np.asarray(model.blocks[1].bk_layer.moe_ffn.w2[...], np.float64)[0]
+    u, s, vt = np.linalg.svd(trained)
+    factored = np.asarray(converted.blocks[1].bk_layer.moe_ffn.dense_expert_weights()["w2"], np.float64)[0]
+    np.testing.assert_allclose(factored, (u[:, :4] * s[:4]) @ vt[:4], atol=1e-5)
+    for name in ("b1", "b2"):
+        np.testing.assert_array_equal(np.asarray(getattr(converted.blocks[0].bk_layer.moe_ffn, name)[...]),
+                                      np.asarray(getattr(model.blocks[0].bk_layer.moe_ffn, name)[...]))
+    head = report["lm_head"]
+    assert head["replaced"] == "dense -> htt_tied" and head["bias_kept"]
+    assert head["dropped_parameters"] == 64 * 16 and head["relative_difference"] > 0.5  # untied: unrelated tables
+    np.testing.assert_array_equal(np.asarray(converted.lm_head.bias[...]), np.asarray(model.lm_head.bias[...]))
+    assert parameter_breakdown(converted)["lm_head"] == 64
+    assert report["logit_difference"]["max_abs"] > 1e-2
+
+    back, back_report = convert_from_phase1(converted, drop_ar_ssm=True)
+    assert back_report["experts_expanded"] == {"rank": 4} and back_report["lm_head_untied"]
+    assert back.config.phase1 is None
+    np.testing.assert_array_equal(np.asarray(back.lm_head.kernel[...]),
+                                  np.asarray(converted.token_embedding.to_dense()).T)
+    np.testing.assert_array_equal(np.asarray(back.lm_head.bias[...]), np.asarray(model.lm_head.bias[...]))
+    np.testing.assert_array_equal(np.asarray(back.blocks[1].bk_layer.moe_ffn.w1[...]),
+                                  np.asarray(converted.blocks[1].bk_layer.moe_ffn.dense_expert_weights()["w1"]))
+    # The same function computed in another order: x (A B) for (x A) B, h E^T for the core contraction.
+    assert back_report["logit_difference"]["max_abs"] < 1e-5

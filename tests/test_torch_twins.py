@@ -47,6 +47,16 @@ CASES = {
     "phase1_htt_positions_centered_conv_block1": (ModelConfig(
         **TINY, phase1=PHASE1.replace(htt_position_embedding=True, ar_ssm_layers=(1,), ar_ssm_local_conv="centered",
                                       lns_enabled=True)), (20,)),
+    # d_model 16: rank round(0.25 * 16) = 4; vocab 40 pads the HTT table to 7 x 6, so the tied head drops padding.
+    "phase1_tied_head_low_rank_experts": (ModelConfig(
+        **TINY, phase1=PHASE1.replace(lm_head="htt_tied", expert_rank_ratio=0.25)), (20, 3)),
+    # Low-rank experts alone (no HTT, no AR-SSM), rank round(0.2 * 16) = 3, top-2 routing.
+    "low_rank_experts_dense_head": (ModelConfig(
+        **TINY, numerics="reference", top_k=2,
+        phase1=PHASE1.replace(htt_enabled=False, ar_ssm_enabled=False, expert_rank_ratio=0.2)), (20,)),
+    "tied_head_positions_dense_experts": (ModelConfig(
+        **TINY, numerics="native", phase1=PHASE1.replace(lm_head="htt_tied", htt_position_embedding=True,
+                                                         htt_phase_encoding=False, ar_ssm_layers=(0,))), (20,)),
 }
 
 
