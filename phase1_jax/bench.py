@@ -289,6 +289,13 @@ def throughput(shape: Shape, rows: list[Row], rounds: int, steps_per_round: int)
     # Compilation is host work: the rows compile side by side (XLA releases the GIL).
     with concurrent.futures.ThreadPoolExecutor(max_workers=min(4, len(built))) as pool:
         list(pool.map(compile_one, built))
+    limit = (jax.devices()[0].memory_stats() or {}).get("bytes_limit")
+    too_big = [(e["row"].label, _peak_estimate(e["compiled"])) for e in built
+               if limit and (_peak_estimate(e["compiled"]) or 0) > limit]
+    if too_big:  # refuse before running a single step
+        raise InputValidationError(
+            f"shape {shape.label()} does not fit the device's {limit / GIB:.1f} GiB: " + ", ".join(
+                f"{label} needs {peak / GIB:.1f} GiB" for label, peak in too_big) + "; choose a smaller --shape")
     for entry in built:
         entry["holder"] = {"state": entry.pop("state")}
         _chained_seconds(entry["compiled"], entry["holder"], batch, 2)  # warm-up
@@ -413,6 +420,9 @@ def capped(shape: Shape, rows: list[Row], rounds: int, steps_per_round: int, on_
         result = json.loads(proc.stdout.strip().splitlines()[-1])
         result["seconds"] = time.perf_counter() - start
         result["capped"] = bool(total)
+        base = results[0] if results else result  # the first model is the baseline
+        if "tokens_per_s" in result and "tokens_per_s" in base:
+            result["speed_vs_baseline"] = result["tokens_per_s"] / base["tokens_per_s"]
         results.append(result)
         if on_row is not None:
             on_row(results)
@@ -420,10 +430,6 @@ def capped(shape: Shape, rows: list[Row], rounds: int, steps_per_round: int, on_
               f"{result['planner']['predicted_largest_batch']}, ran {result.get('largest_batch')}, "
               f"{result.get('tokens_per_s', float('nan')):,.0f} tok/s, measured peak "
               f"{(result.get('peak_bytes_measured') or 0) / GIB:.2f} GiB", flush=True)
-    if results and "tokens_per_s" in results[0]:
-        for r in results:
-            if "tokens_per_s" in r:
-                r["speed_vs_baseline"] = r["tokens_per_s"] / results[0]["tokens_per_s"]
     return results
 
 
@@ -493,6 +499,10 @@ def perplexity(shape: Shape, rows: list[Row], tokens_target: int, vocab_size: in
 def markdown(result: dict[str, Any]) -> str:
     info = result["info"]
     lines = [f"# Phase 1 benchmark ({info['device']}, {info['date']}, jax {info['jax']})", ""]
+    for part, part_info in (result.get("part_info") or {}).items():
+        lines.append(f"- {part}: measured on {part_info['device']}, {part_info['date']}")
+    if result.get("part_info"):
+        lines.append("")
     if result.get("throughput"):
         t = result["throughput"]
         lines += [f"## Same batch: {t['shape_label']}, bf16 compute", "",
@@ -592,6 +602,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps-per-round", type=int, default=10)
     parser.add_argument("--smoke", action="store_true", help="tiny sizes: checks the whole benchmark on a CPU")
+    parser.add_argument("--merge", nargs="+", metavar="JSON", help="measure nothing: combine the parts of earlier "
+                        "runs' phase1_bench.json (later files win per part) and write the table and plot again")
     return parser
 
 
@@ -605,7 +617,31 @@ def _parse_shape(text: str, names: tuple[str, ...]) -> dict[str, int]:
     return dict(zip(names, values))
 
 
+def merge(paths: list[str], out: Path) -> dict[str, Any]:
+    """One report from several runs' JSON (a benchmark split over device sessions): each part from the last file
+    that has it, each part keeping the device and date of its own run."""
+    result: dict[str, Any] = {"merged_from": []}
+    for path in paths:
+        try:
+            run_result = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as err:
+            raise InputValidationError(f"cannot read benchmark JSON {path}: {err}") from err
+        result["merged_from"].append({"file": str(path), **run_result["info"]})
+        result["info"] = run_result["info"]
+        for part in PARTS:
+            if run_result.get(part):
+                result[part] = run_result[part]
+                result.setdefault("part_info", {})[part] = run_result["info"]
+    out.mkdir(parents=True, exist_ok=True)
+    _write_atomic(out / "phase1_bench.json", json.dumps(result, indent=1, default=str))
+    _write_atomic(out / "phase1_bench.md", markdown(result))
+    plot(result, out / "phase1_bench.png")
+    return result
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    if args.merge:
+        return merge(args.merge, Path(args.out))
     parts = [p for p in args.parts.split(",") if p]
     unknown = [p for p in parts if p not in PARTS]
     if unknown:
@@ -619,8 +655,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     rounds, steps_per_round, micro_iters = args.rounds, args.steps_per_round, 20
     ppl_tokens, ppl_vocab, eval_points = int(args.ppl_tokens), args.ppl_vocab, 10
     if args.smoke:
-        shape = Shape(d_model=32, n_layers=2, n_seq=64, batch=2, vocab=1000)
-        ppl_shape = Shape(d_model=32, n_layers=2, n_seq=64, batch=4)
+        shape = Shape(d_model=32, n_layers=1, n_seq=64, batch=2, vocab=1000)
+        ppl_shape = Shape(d_model=32, n_layers=1, n_seq=64, batch=4)
         rounds, steps_per_round, micro_iters, ppl_tokens, ppl_vocab, eval_points = 2, 2, 2, 4 * 64 * 6, 512, 2
     out = Path(args.out)
     try:
