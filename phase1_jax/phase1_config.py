@@ -91,7 +91,7 @@ class Phase1Config:
     # through rank round(rho * d_model), which divides the experts' parameters and FLOPs alike.
     expert_rank_ratio: float | None = None
     # Recompute each expert's hidden layer (T x E x 2d, the widest activation) in the backward pass instead of
-    # storing it: most of block rematerialisation's memory saving for a fraction of its recomputation.
+    # storing it: half of block rematerialisation's memory saving for a sixth of its cost (H200, PHASE1.md run 3).
     checkpoint_expert_hidden: bool = False
 
     # ------------------------------------------------------------------ validation
@@ -345,7 +345,7 @@ _PRESET_TABLE = {
     # The memory presets (8gb, 10gb, max_efficiency) differ from the reference's table (§2.10) on purpose: the HTT
     # head tied to the embedding (the V x D head is the largest matrix left otherwise), and for 8gb and
     # max_efficiency low-rank experts; 8gb recomputes only the experts' hidden layers instead of whole blocks:
-    # on the H200 (docs/perf/PHASE1.md, run 3) block remat made the §6.2-shape step 12 % slower, this 3 %.
+    # on the H200 (docs/perf/PHASE1.md, run 3) block remat made the §6.2-shape step 12 % slower, this 2 %.
     "8gb": _preset(
         "8 GB cards (e.g. RTX 3080 Mobile): maximum compression (tied HTT head, low-rank experts), experts' "
         "hidden layers recomputed",
