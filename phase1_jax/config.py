@@ -43,6 +43,7 @@ TOKENIZER_KINDS = ("byte", "bpe")
 # vocabulary in use and keeps a typo from sizing an embedding table by millions of rows.
 BPE_VOCAB_RANGE = (257, 262_144)
 OPTIMIZERS = ("adamw", "torch_adamw", "torch_adam")
+REMAT_MODES = ("model", "none", "blocks")
 
 
 def _require(ok: bool, field: str, value: Any, allowed: str) -> None:
@@ -194,6 +195,25 @@ class TrainConfig:
     # Cross-entropy over chunks of this many tokens, each chunk's logits recomputed in the backward pass, so the
     # (tokens x vocab) float32 logits and their gradient never exist whole; None = the whole batch at once.
     loss_chunk_tokens: int | None = None
+    # Memory plan: per-block rematerialisation ("model" = what the model config says) and gradient accumulation
+    # over micro_batches equal slices of the batch (same effective batch, same mathematics).
+    remat: str = "model"
+    micro_batches: int = 1
+    # Whole-state checkpoints (run/checkpoints/<step>/): every N steps and/or every M minutes (null = never), the
+    # newest keep_checkpoints kept; one more at the end and on SIGTERM/SIGINT.
+    checkpoint_every: int | None = 250
+    checkpoint_every_minutes: float | None = None
+    keep_checkpoints: int = 3
+    # Recovery. A step whose loss or gradients are not finite, or whose loss is spike_sigma standard deviations
+    # above the mean of the last spike_window accepted losses (null: no spike test), is skipped inside the step.
+    # After max_consecutive_skips skips in a row: restore the last good checkpoint, multiply the learning rate by
+    # recovery_lr_factor, skip the offending batches; give up after max_restores restorations.
+    spike_sigma: float | None = 6.0
+    spike_window: int = 64
+    max_consecutive_skips: int = 3
+    recovery_lr_factor: float = 0.5
+    max_restores: int = 3
+    tensorboard: bool = True
 
     def __post_init__(self):
         _check_types(self, "training.")
@@ -213,6 +233,22 @@ class TrainConfig:
                  " | ".join(COMPUTE_DTYPES))
         _require(self.loss_chunk_tokens is None or self.loss_chunk_tokens >= 1, "training.loss_chunk_tokens",
                  self.loss_chunk_tokens, "null (whole batch) or an integer >= 1")
+        _require(self.remat in REMAT_MODES, "training.remat", self.remat, " | ".join(REMAT_MODES))
+        _require(self.micro_batches >= 1 and self.batch_size % self.micro_batches == 0, "training.micro_batches",
+                 self.micro_batches, f"an integer >= 1 that divides training.batch_size ({self.batch_size})")
+        _require(self.checkpoint_every is None or self.checkpoint_every >= 1, "training.checkpoint_every",
+                 self.checkpoint_every, "null (never) or an integer >= 1")
+        _require(self.checkpoint_every_minutes is None or self.checkpoint_every_minutes > 0,
+                 "training.checkpoint_every_minutes", self.checkpoint_every_minutes, "null (never) or > 0")
+        _require(self.keep_checkpoints >= 1, "training.keep_checkpoints", self.keep_checkpoints, "an integer >= 1")
+        _require(self.spike_sigma is None or self.spike_sigma > 0, "training.spike_sigma", self.spike_sigma,
+                 "null (no spike test) or > 0")
+        _require(self.spike_window >= 2, "training.spike_window", self.spike_window, "an integer >= 2")
+        _require(self.max_consecutive_skips >= 1, "training.max_consecutive_skips", self.max_consecutive_skips,
+                 "an integer >= 1")
+        _require(0 < self.recovery_lr_factor <= 1, "training.recovery_lr_factor", self.recovery_lr_factor,
+                 "0 < x <= 1")
+        _require(self.max_restores >= 0, "training.max_restores", self.max_restores, "an integer >= 0")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

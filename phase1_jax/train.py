@@ -32,12 +32,34 @@ from .torch_optim import apply_updates, torch_adam, torch_adamw, torch_clip_by_g
 
 
 @struct.dataclass
+class GuardState:
+    """What the in-step guard remembers: the last accepted losses (a ring buffer) and the skips so far."""
+
+    losses: jax.Array  # (spike_window,) float32
+    accepted: jax.Array  # number of losses ever written into the ring
+    consecutive_skips: jax.Array
+    skipped_total: jax.Array
+
+    @classmethod
+    def create(cls, window: int) -> "GuardState":
+        # Separate arrays: the state is donated, and one buffer may not be donated twice.
+        return cls(losses=jnp.zeros((window,), jnp.float32), accepted=jnp.zeros((), jnp.int32),
+                   consecutive_skips=jnp.zeros((), jnp.int32), skipped_total=jnp.zeros((), jnp.int32))
+
+
+@struct.dataclass
 class TrainState:
     step: jax.Array
     params: nnx.State
     buffers: nnx.State  # Buffer and RankState variables: checkpointed, not optimised
     opt_state: Any
     rng: jax.Array
+    guard: GuardState
+
+
+# Faults the training step can be told to inject (`train --inject-fault`, a testing aid): the loss of that step
+# becomes NaN, or every gradient +inf.
+FAULT_NONE, FAULT_NAN_LOSS, FAULT_INF_GRAD = 0, 1, 2
 
 
 def build_model(config: ModelConfig, seed: int = 0) -> ResNetBK:
@@ -127,7 +149,8 @@ def create_train_state(model: ResNetBK, train_cfg: TrainConfig,
     optimizer = optimizer or make_optimizer(train_cfg)
     graphdef, params, buffers = split_model(model)
     state = TrainState(step=jnp.zeros((), jnp.int32), params=params, buffers=buffers,
-                       opt_state=optimizer.init(params), rng=jax.random.key(train_cfg.seed))
+                       opt_state=optimizer.init(params), rng=jax.random.key(train_cfg.seed),
+                       guard=GuardState.create(train_cfg.spike_window))
     return graphdef, state, optimizer
 
 
@@ -171,17 +194,21 @@ def chunked_cross_entropy(head: Callable[[jax.Array], jax.Array], hidden: jax.Ar
 
 
 def loss_fn(params: nnx.State, buffers: nnx.State, graphdef: nnx.GraphDef, batch: Batch,
-            dropout_rng: jax.Array | None, compute_dtype=jnp.float32, loss_chunk_tokens: int | None = None):
-    """Next-token cross-entropy plus every auxiliary loss the modules return. Returns (loss, metrics)."""
+            dropout_rng: jax.Array | None, compute_dtype=jnp.float32, loss_chunk_tokens: int | None = None,
+            remat: bool | None = None):
+    """Next-token cross-entropy plus every auxiliary loss the modules return. Returns (loss, metrics).
+
+    remat: per-block rematerialisation; None keeps the model's own setting."""
     if compute_dtype != jnp.float32:
         params = _cast_floating(params, compute_dtype)
     model = nnx.merge(graphdef, params, buffers)
+    final, aux = model.hidden_states(batch.inputs, dropout_rng=dropout_rng, compute_dtype=compute_dtype,
+                                     remat=remat)
     if loss_chunk_tokens is None:
-        logits, aux = model.forward(batch.inputs, dropout_rng=dropout_rng, compute_dtype=compute_dtype)
+        logits = model.logits_from_hidden(final)
         with jax.named_scope("cross_entropy"):
             ce = cross_entropy(logits, batch.targets)
     else:
-        final, aux = model.hidden_states(batch.inputs, dropout_rng=dropout_rng, compute_dtype=compute_dtype)
         ce = chunked_cross_entropy(model.logits_from_hidden, final, batch.targets, loss_chunk_tokens)
     loss = ce + aux["aux_loss"]
     entropies = [b["routing_entropy"] for b in aux["blocks"]]
@@ -210,23 +237,92 @@ def _advance_scattering_counters(buffers: nnx.State, config: ModelConfig) -> nnx
     return _map_named_leaves(buffers, "scattering_step_counter", lambda x: x + 1)
 
 
+_STABILITY_WORST = {"stability/log_det_per_token": jnp.min, "stability/g_abs_min": jnp.min}
+
+
+def _accumulated_grads(grad_fn, params, batch: Batch, dropout_rng, micro_batches: int):
+    """Loss, metrics and gradients of the whole batch, as the mean over `micro_batches` equal slices computed one
+    after the other (gradient accumulation: the same mean over the same tokens, less memory)."""
+    if micro_batches == 1:
+        return grad_fn(params, batch, dropout_rng)
+    slices = Batch(*(x.reshape(micro_batches, -1, *x.shape[1:]) for x in batch))
+    rngs = jax.random.split(dropout_rng, micro_batches)
+
+    def body(acc, xs):
+        (loss, metrics), grads = grad_fn(params, Batch(*xs[0]), xs[1])
+        acc = jax.tree.map(lambda a, g: a + g.astype(a.dtype), acc, grads)
+        return acc, (loss, metrics)
+
+    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+    summed, (losses, metrics) = jax.lax.scan(body, zeros, (tuple(slices), rngs))
+    grads = jax.tree.map(lambda a, p: (a / micro_batches).astype(p.dtype), summed, params)
+    # Means over the slices; the worst-case stability metrics keep their worst case.
+    metrics = {k: (_STABILITY_WORST.get(k, jnp.max) if k.startswith("stability/") else jnp.mean)(v)
+               for k, v in metrics.items()}
+    return (jnp.mean(losses), metrics), grads
+
+
+def _guard(guard: GuardState, loss, grad_norm, cfg: TrainConfig):
+    """(skip, new guard): skip a step whose loss or gradient norm is not finite, or whose loss is a spike."""
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    skip = ~finite
+    window = guard.losses.shape[0]
+    if cfg.spike_sigma is not None:
+        n = jnp.minimum(guard.accepted, window)
+        valid = jnp.arange(window) < n
+        mean = jnp.sum(jnp.where(valid, guard.losses, 0.0)) / jnp.maximum(n, 1)
+        var = jnp.sum(jnp.where(valid, (guard.losses - mean) ** 2, 0.0)) / jnp.maximum(n - 1, 1)
+        # A floor on the spread (1 % of the loss): a flat stretch of losses must not make noise look like a spike.
+        spread = jnp.maximum(jnp.sqrt(var), 0.01 * jnp.abs(mean))
+        skip = skip | ((n >= window // 2) & (loss > mean + cfg.spike_sigma * spread))
+    slot = guard.accepted % window
+    new = GuardState(
+        losses=jnp.where(skip, guard.losses, guard.losses.at[slot].set(loss.astype(jnp.float32))),
+        accepted=jnp.where(skip, guard.accepted, guard.accepted + 1),
+        consecutive_skips=jnp.where(skip, guard.consecutive_skips + 1, 0),
+        skipped_total=guard.skipped_total + skip.astype(jnp.int32))
+    return skip, new
+
+
+def _select(skip, old, new):
+    """old where skip else new, leaf by leaf: a select, so NaNs in the rejected update cannot leak (0 * NaN = NaN)."""
+    return jax.tree.map(lambda o, n: jnp.where(skip, o, n), old, new)
+
+
 def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation, model_cfg: ModelConfig,
-                    train_cfg: TrainConfig, *, jit: bool = True) -> Callable[[TrainState, Batch], tuple]:
+                    train_cfg: TrainConfig, *, jit: bool = True) -> Callable[..., tuple]:
+    """train_step(state, batch, fault=FAULT_NONE) -> (state, metrics), jitted with the state donated.
+
+    Gradients are accumulated over `training.micro_batches` slices; `training.remat` overrides the model's
+    rematerialisation. A step with a non-finite loss or gradient, or a loss spike, leaves parameters and
+    optimizer state as they were (metrics["skipped"] = 1); the host loop decides what to do after several.
+    """
     compute_dtype = jnp.bfloat16 if train_cfg.compute_dtype == "bfloat16" else jnp.float32
     schedule = learning_rate_schedule(train_cfg)
+    remat = {"model": None, "none": False, "blocks": True}[train_cfg.remat]
 
-    def train_step(state: TrainState, batch: Batch):
+    def grad_fn(params, buffers, batch, rng):
+        return jax.value_and_grad(loss_fn, has_aux=True)(params, buffers, graphdef, batch, rng, compute_dtype,
+                                                         train_cfg.loss_chunk_tokens, remat)
+
+    def train_step(state: TrainState, batch: Batch, fault=FAULT_NONE):
         rng, dropout_rng = jax.random.split(state.rng)
-        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-        (loss, metrics), grads = grad_fn(state.params, state.buffers, graphdef, batch, dropout_rng,
-                                         compute_dtype, train_cfg.loss_chunk_tokens)
+        (loss, metrics), grads = _accumulated_grads(
+            lambda p, b, r: grad_fn(p, state.buffers, b, r), state.params, batch, dropout_rng,
+            train_cfg.micro_batches)
+        loss = jnp.where(fault == FAULT_NAN_LOSS, jnp.nan, loss)
+        grads = jax.tree.map(lambda g: jnp.where(fault == FAULT_INF_GRAD, jnp.inf, g), grads)
+        grad_norm = optax.tree.norm(grads)
+        skip, guard = _guard(state.guard, loss, grad_norm, train_cfg)
         with jax.named_scope("optimizer"):
             updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
             params = apply_updates(state.params, updates)
-        new_state = TrainState(step=state.step + 1, params=params,
+        new_state = TrainState(step=state.step + 1, params=_select(skip, state.params, params),
                                buffers=_advance_scattering_counters(state.buffers, model_cfg),
-                               opt_state=opt_state, rng=rng)
-        metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads), learning_rate=schedule(state.step))
+                               opt_state=_select(skip, state.opt_state, opt_state), rng=rng, guard=guard)
+        metrics = dict(metrics, loss=loss, grad_norm=grad_norm, learning_rate=schedule(state.step),
+                       skipped=skip.astype(jnp.float32), consecutive_skips=guard.consecutive_skips,
+                       skipped_total=guard.skipped_total)
         return new_state, metrics
 
     return jax.jit(train_step, donate_argnums=0) if jit else train_step

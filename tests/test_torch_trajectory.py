@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from conftest import GOLDEN_TRAINING_DIR, golden_cases, golden_training_cases
 from phase1_jax.config import ModelConfig, TrainConfig
-from phase1_jax.converters import bridge
+from phase1_jax.converters import bridge, layouts
 from phase1_jax.converters.torch_io import load_state_dict
 from phase1_jax.train import build_model, lr_multiplier
 from torch_reference import reference_model, train_reference
@@ -71,7 +71,7 @@ def test_torch_reference_computes_the_reference_gradients(case_dir):
     """The generator of the cases below: the reference's loss and gradients (golden, made by the reference)."""
     state = load_state_dict(case_dir / "state_dict.pt")
     ctor = json.loads((case_dir / "case.json").read_text())["constructor"]
-    config = bridge.infer_model_config(state, "baseline", dropout=0.0, top_k=ctor.get("top_k", 1))
+    config = layouts.infer_model_config(state, "baseline", dropout=0.0, top_k=ctor.get("top_k", 1))
     model = reference_model(config, state)
     logits = model(torch.from_numpy(np.load(case_dir / "input_ids.npy").astype(np.int64)))
     targets = torch.from_numpy(np.load(case_dir / "input_targets.npy").astype(np.int64))
@@ -90,7 +90,7 @@ def test_torch_reference_computes_the_reference_gradients(case_dir):
 def _generate(tmp_path, name, model_cfg, *, seed, steps, batch, torch_optimizer, lr, betas=(0.9, 0.999),
               eps=1e-8, weight_decay=0.0, schedule="constant", clip=None):
     """Trains the torch reference from a fresh model and writes the run in the golden layout."""
-    state = bridge.export_state_dict(build_model(model_cfg, seed=seed), "baseline")
+    state = bridge.state_dict_from_model(build_model(model_cfg, seed=seed), "baseline")
     tokens = np.random.default_rng(seed).integers(0, model_cfg.vocab_size, (steps, batch, model_cfg.n_seq + 1))
     ids, targets = tokens[..., :-1], tokens[..., 1:]
     lr_lambda = None if schedule == "constant" else functools.partial(lr_multiplier,

@@ -39,10 +39,10 @@ import numpy as np
 from flax import nnx
 
 from phase1_jax.config import ModelConfig, TrainConfig
-from phase1_jax.converters import bridge
+from phase1_jax.converters import bridge, layouts
 from phase1_jax.converters.torch_io import load_state_dict, save_state_dict
 from phase1_jax.data import Batch
-from phase1_jax.train import TrainState, build_model, create_train_state, make_train_step, split_model
+from phase1_jax.train import GuardState, TrainState, build_model, create_train_state, make_train_step, split_model
 
 OPTIMIZERS = {"torch.optim.AdamW": "torch_adamw", "torch.optim.Adam": "torch_adam"}
 # Constructor arguments that the state dict's shapes cannot tell (REFERENCE_SPEC §1.1).
@@ -98,7 +98,7 @@ def load_case(case_dir: str | Path, optimizer: str | None = None) -> Case:
         raise FileNotFoundError(f"{case_dir}: no state_dict_step00.pt to start from")
     ctor = spec["constructor"]
     # The reference trains in eval mode (dropout inactive), as case.json's notes say: dropout 0 here.
-    model = bridge.infer_model_config(states[0], bridge.detect_layout(states[0]), dropout=0.0,
+    model = layouts.infer_model_config(states[0], layouts.detect_layout(states[0]), dropout=0.0,
                                       **{k: ctor[k] for k in REFERENCE_OPTIONS if k in ctor})
     return Case(name=case_dir.name, model=model, training=training_config(spec, optimizer),
                 ids=np.load(case_dir / "batch_ids.npy"), targets=np.load(case_dir / "batch_targets.npy"),
@@ -149,12 +149,13 @@ class Trainer:
         self.step_fn = make_train_step(self.graphdef, optimizer, model_cfg, train_cfg)
 
     def export(self, state: TrainState) -> dict[str, np.ndarray]:
-        return bridge.export_state_dict(nnx.merge(self.graphdef, state.params, state.buffers), self.layout)
+        return bridge.state_dict_from_model(nnx.merge(self.graphdef, state.params, state.buffers), self.layout)
 
     def start(self, state_dict, opt_state, step: int) -> TrainState:
-        _, params, buffers = split_model(bridge.model_from_torch_state(state_dict, self.model_cfg, self.layout))
+        _, params, buffers = split_model(bridge.model_from_state_dict(state_dict, self.model_cfg, layout=self.layout))
         return TrainState(step=jnp.asarray(step, jnp.int32), params=params, buffers=buffers,
-                          opt_state=jax.tree.map(jnp.asarray, opt_state), rng=jax.random.key(self.train_cfg.seed))
+                          opt_state=jax.tree.map(jnp.asarray, opt_state), rng=jax.random.key(self.train_cfg.seed),
+                          guard=GuardState.create(self.train_cfg.spike_window))
 
     def run(self, case: Case, state: TrainState, start: int, stop: int, opt_states: dict | None = None) -> Track:
         """Steps start..stop-1; `opt_states` collects host copies of the optimizer state at saved steps."""
@@ -258,7 +259,7 @@ class Report:
 
 
 def compare(case: Case, tolerances: Tolerances = Tolerances()) -> Report:
-    run = trainer(case.model, case.training, bridge.detect_layout(case.states[0]))
+    run = trainer(case.model, case.training, layouts.detect_layout(case.states[0]))
     saved = sorted(case.states)
     opt_states: dict[int, object] = {}
     trajectory = run.run(case, run.start(case.states[0], run.fresh_opt_state, 0), 0, case.training.steps, opt_states)

@@ -238,8 +238,11 @@ class ResNetBK(nnx.Module):
 
     @reference_matmul_precision
     def hidden_states(self, ids: jax.Array, *, dropout_rng: jax.Array | None = None,
-                      compute_dtype: Any = jnp.float32) -> tuple[jax.Array, dict[str, Any]]:
-        """The final LayerNorm's output (B, L, D) in compute_dtype, and the aux dict of `forward`."""
+                      compute_dtype: Any = jnp.float32,
+                      remat: bool | None = None) -> tuple[jax.Array, dict[str, Any]]:
+        """The final LayerNorm's output (B, L, D) in compute_dtype, and the aux dict of `forward`.
+
+        remat: recompute each block in the backward pass (None: the config's `use_gradient_checkpointing`)."""
         self.check_input_shape(ids)
         length = ids.shape[1]
         positions = jnp.arange(length)
@@ -249,8 +252,9 @@ class ResNetBK(nnx.Module):
         block_rngs = (jax.random.split(dropout_rng, len(self.blocks)) if dropout_rng is not None
                       else [None] * len(self.blocks))
         per_block = []
+        remat = self.gradient_checkpointing if remat is None else remat
         for block, rng in zip(self.blocks, block_rngs):
-            if self.gradient_checkpointing:
+            if remat:
                 # Recompute each block's activations in the backward pass instead of storing them. The block is
                 # split into a pure (graphdef, state) pair so jax.checkpoint sees a plain function.
                 graphdef, state = nnx.split(block)
