@@ -1,6 +1,7 @@
-"""Model checkpoints: Orbax behind one small module.
+"""Checkpoints: Orbax behind one small module.
 
-A checkpoint directory holds
+Two kinds. A *model checkpoint* (what `train` writes at the end, `import-torch` and the converters write, and
+`logits`, `export-torch` and the converters read) is a directory holding
 
     config.yaml   the resolved run configuration (model, training, data), validated again on load
     meta.json     format version, training step, library version (and what the writer adds: the tokenizer, ...)
@@ -10,6 +11,13 @@ A checkpoint directory holds
 It is written into a temporary sibling directory and renamed into place only when complete, so a failure or
 an interrupted save never leaves a half-written checkpoint under the final name. Restoring goes against an
 abstract tree built from the config, so shapes and dtypes are checked, not trusted.
+
+*Training checkpoints* (`TrainCheckpoints`) hold a run's whole state, to resume it exactly:
+RUN/checkpoints/<step>/ with `state` (parameters, buffers, optimizer state, step, RNG, the guard's loss window)
+and `meta` (JSON: the data position, the recovery state, the memory plan, the run config, the tokenizer). They
+are Orbax `CheckpointManager` steps: written asynchronously, committed only when complete, the newest
+`keep_checkpoints` kept. A model can be read from them too (`load_checkpoint(RUN)` falls back to the newest one
+when the run has no final checkpoint).
 """
 
 from __future__ import annotations
@@ -36,9 +44,11 @@ FORMAT_VERSION = 1
 CONFIG_FILE = "config.yaml"
 META_FILE = "meta.json"
 STATE_DIR = "state"
+TRAIN_CHECKPOINTS_DIR = "checkpoints"
+TRAIN_FORMAT_VERSION = 2
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
+def write_text_atomic(path: Path, text: str) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
@@ -113,7 +123,16 @@ def read_meta(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def load_checkpoint(path: str | os.PathLike) -> tuple[RunConfig, ResNetBK]:
-    """Returns (config, model) with the restored parameters and buffers."""
+    """Returns (config, model) with the restored parameters and buffers.
+
+    `path` is a model checkpoint, a run directory with its final `checkpoint/`, or a run directory with only
+    training checkpoints (a run that was stopped): then the newest intact one is read."""
+    run = Path(path).absolute()
+    if not (run / STATE_DIR).is_dir() and not (run / "checkpoint" / STATE_DIR).is_dir() \
+            and (run / TRAIN_CHECKPOINTS_DIR).is_dir():
+        config = RunConfig.from_yaml((run / CONFIG_FILE).read_text(encoding="utf-8"))
+        _, model, _ = TrainCheckpoints(run).restore_model(config)
+        return config, model
     ckpt = resolve_checkpoint_dir(path)
     config = RunConfig.from_yaml((ckpt / CONFIG_FILE).read_text(encoding="utf-8"))
     meta = read_meta(ckpt)
@@ -160,3 +179,108 @@ def load_run_tokenizer(path: str | os.PathLike) -> ByteTokenizer | BPETokenizer:
         raise CheckpointError(f"{file} has {tokenizer.vocab_size} tokens but the model's vocab_size is "
                               f"{vocab_size}")
     return tokenizer
+
+
+# ------------------------------------------------------------------------------------------ training checkpoints
+
+
+def _state_tree(state) -> dict[str, Any]:
+    """A TrainState as the plain tree Orbax saves (typed PRNG keys as their raw key data)."""
+    return {"step": state.step, "params": nnx.to_pure_dict(state.params), "buffers": nnx.to_pure_dict(state.buffers),
+            "opt_state": state.opt_state, "rng": jax.random.key_data(state.rng),
+            "guard": {"losses": state.guard.losses, "accepted": state.guard.accepted,
+                      "consecutive_skips": state.guard.consecutive_skips,
+                      "skipped_total": state.guard.skipped_total}}
+
+
+def _from_state_tree(tree: dict[str, Any], like):
+    """The TrainState `like` (same graph structure) holding the values of a restored tree."""
+    from .train import GuardState
+
+    params, buffers = jax.tree.map(lambda x: x, like.params), jax.tree.map(lambda x: x, like.buffers)  # copies
+    nnx.replace_by_pure_dict(params, tree["params"])
+    nnx.replace_by_pure_dict(buffers, tree["buffers"])
+    return like.replace(step=tree["step"], params=params, buffers=buffers, opt_state=tree["opt_state"],
+                        rng=jax.random.wrap_key_data(tree["rng"]), guard=GuardState(**tree["guard"]))
+
+
+class TrainCheckpoints:
+    """A run's whole-state checkpoints: RUN/checkpoints/<step>/{state, meta} through Orbax's CheckpointManager."""
+
+    def __init__(self, run_dir: str | os.PathLike, keep: int = 3, *, create: bool = False):
+        self.directory = Path(run_dir).absolute() / TRAIN_CHECKPOINTS_DIR
+        if not create and not self.directory.is_dir():
+            raise CheckpointError(f"{Path(run_dir)} has no training checkpoints ({TRAIN_CHECKPOINTS_DIR}/): it is not "
+                                  f"a run directory, or the run stopped before its first checkpoint")
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=create, enable_async_checkpointing=True)
+        self._manager = ocp.CheckpointManager(self.directory, options=options)
+
+    def steps(self) -> list[int]:
+        """Committed steps, oldest first (a save still in flight or cut short is not listed)."""
+        return sorted(self._manager.all_steps())
+
+    def save(self, step: int, state, meta: dict[str, Any]) -> None:
+        """Starts writing `state` at `step` in the background; the step appears only once complete."""
+        meta = dict(meta, format_version=TRAIN_FORMAT_VERSION, step=int(step), phase1_jax_version=__version__)
+        self._manager.save(int(step), args=ocp.args.Composite(state=ocp.args.StandardSave(_state_tree(state)),
+                                                              meta=ocp.args.JsonSave(meta)), force=True)
+
+    def wait(self) -> None:
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        self._manager.wait_until_finished()
+        self._manager.close()
+
+    def restore_latest(self, like) -> tuple[int, Any, dict[str, Any], list[str]]:
+        """(step, state, meta, notes) from the newest checkpoint that reads back; `like` is a TrainState of the
+        right structure (e.g. a freshly initialised one). An unreadable newest checkpoint is reported in `notes`
+        and the one before it used; none readable is a CheckpointError."""
+        abstract = jax.eval_shape(_state_tree, like)
+        notes = []
+        steps = self.steps()
+        if not steps:
+            raise CheckpointError(f"{self.directory} holds no complete checkpoint")
+        for step in reversed(steps):
+            try:
+                restored = self._manager.restore(step, args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+            except Exception as err:  # noqa: BLE001 - Orbax raises many types for damaged files
+                notes.append(f"checkpoint step {step} in {self.directory} is unreadable "
+                             f"({type(err).__name__}: {str(err).splitlines()[0][:200]}); trying an older one")
+                continue
+            return step, _from_state_tree(restored["state"], like), dict(restored["meta"]), notes
+        raise CheckpointError(f"no checkpoint in {self.directory} reads back: " + "; ".join(notes))
+
+    def latest_meta(self) -> dict[str, Any] | None:
+        """The meta of the newest checkpoint whose meta reads back (cheap: no arrays), or None."""
+        for step in reversed(self.steps()):
+            try:
+                return dict(self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
+            except Exception:  # noqa: BLE001 - a damaged checkpoint: look at the one before
+                continue
+        return None
+
+    def discard_after(self, step: int) -> list[int]:
+        """Deletes the checkpoints newer than `step` (unreadable ones, once a resume went back past them);
+        returns their steps."""
+        newer = [s for s in self.steps() if s > step]
+        for s in newer:
+            self._manager.delete(s)
+        return newer
+
+    def restore_model(self, config: RunConfig) -> tuple[int, ResNetBK, dict[str, Any]]:
+        """(step, model, meta) from the newest readable checkpoint: parameters and buffers only."""
+        graphdef, like = abstract_train_state(config)
+        step, state, meta, _ = self.restore_latest(like)
+        return step, nnx.merge(graphdef, state.params, state.buffers), meta
+
+
+def abstract_train_state(config: RunConfig):
+    """(graphdef, TrainState of ShapeDtypeStructs) of a run: the target a training checkpoint restores into."""
+    from .train import build_model, create_train_state
+
+    graphdef, _, _ = split_model(nnx.eval_shape(lambda: ResNetBK(config.model, rngs=nnx.Rngs(0))))
+    like = jax.eval_shape(lambda: create_train_state(build_model(config.model, config.training.seed),
+                                                     config.training)[1])
+    return graphdef, like

@@ -19,7 +19,13 @@ from pathlib import Path
 
 import yaml
 
-from .errors import CheckpointError, InputValidationError, InvalidConfigError, NumericalInstabilityError
+from .errors import (
+    CheckpointError,
+    InputValidationError,
+    InvalidConfigError,
+    NumericalInstabilityError,
+    VRAMExhaustedError,
+)
 
 
 def _parse_overrides(pairs: list[str]) -> dict:
@@ -54,24 +60,57 @@ class _ProgressBar:
         sys.stderr.flush()
 
 
+def _run_steps(run_dir: str) -> int:
+    """training.steps of a run directory's config (1 if it has none: resume_training then says what is wrong)."""
+    from .config import RunConfig
+
+    try:
+        return RunConfig.from_yaml((Path(run_dir) / "config.yaml").read_text(encoding="utf-8")).training.steps
+    except OSError:
+        return 1
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from .config import load_run_config
     from .presets import run_preset
-    from .run import run_training
+    from .run import init_training, resume_training, run_training
+    from .trainer import parse_faults
 
-    if args.config and args.preset:
-        raise InvalidConfigError("--preset", args.preset, "give either --config or --preset, not both")
-    config = load_run_config(args.config) if args.config else run_preset(args.preset or "default")
+    faults = parse_faults(args.inject_fault or [])
     overrides = _parse_overrides(args.set or [])
     if args.steps is not None:
         overrides["training.steps"] = args.steps
-    if overrides:
-        config = config.with_overrides(overrides)
-    out = Path(args.out or Path("runs") / _dt.datetime.now().strftime("%Y%m%d-%H%M%S"))
-    print(f"phase1-jax train: {'Phase 1' if config.model.is_phase1 else 'baseline'} model, "
-          f"numerics={config.model.numerics}, {config.data.tokenizer} tokens (vocab {config.model.vocab_size}), "
-          f"{config.training.steps} steps -> {out}", file=sys.stderr)
-    summary = run_training(config, out, progress=_ProgressBar(config.training.steps))
+    if args.resume:
+        for flag, value in (("--config", args.config), ("--preset", args.preset), ("--init-from", args.init_from),
+                            ("--out", args.out)):
+            if value:
+                raise InvalidConfigError(flag, value, "not with --resume: a resumed run keeps its own config and "
+                                                      "directory (change fields with --set)")
+        total = overrides.get("training.steps") or _run_steps(args.resume)
+        summary = resume_training(args.resume, overrides, progress=_ProgressBar(total), faults=faults)
+        out = Path(args.resume)
+    else:
+        if args.config and args.preset:
+            raise InvalidConfigError("--preset", args.preset, "give either --config or --preset, not both")
+        config = load_run_config(args.config) if args.config else run_preset(args.preset or "default")
+        out = Path(args.out or Path("runs") / _dt.datetime.now().strftime("%Y%m%d-%H%M%S"))
+        if args.init_from:
+            # The model comes from the checkpoint; --set model.X changes what keeps its parameter shapes.
+            model_overrides = {k.split(".", 1)[1]: v for k, v in overrides.items() if k.startswith("model.")}
+            if any("." in k for k in model_overrides):
+                raise InvalidConfigError("--set", next(k for k in model_overrides if "." in k),
+                                         "with --init-from only top-level model fields can be set")
+            config = config.with_overrides({k: v for k, v in overrides.items() if not k.startswith("model.")})
+            print(f"phase1-jax train: from {args.init_from}, {config.training.steps} steps -> {out}",
+                  file=sys.stderr)
+            summary = init_training(config, out, args.init_from, model_overrides=model_overrides,
+                                    progress=_ProgressBar(config.training.steps), faults=faults)
+        else:
+            config = config.with_overrides(overrides) if overrides else config
+            print(f"phase1-jax train: {'Phase 1' if config.model.is_phase1 else 'baseline'} model, "
+                  f"numerics={config.model.numerics}, {config.data.tokenizer} tokens (vocab "
+                  f"{config.model.vocab_size}), {config.training.steps} steps -> {out}", file=sys.stderr)
+            summary = run_training(config, out, progress=_ProgressBar(config.training.steps), faults=faults)
     print(f"final validation loss {summary['final_val_loss']:.4f} nats "
           f"(corpus unigram entropy {summary['unigram_entropy_nats']:.4f}); checkpoint: {out / 'checkpoint'}")
     return 0
@@ -193,10 +232,17 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--config", help="run configuration YAML (model/training/data sections)")
     train.add_argument("--preset", help="built-in run preset: default, default-bpe, default-baseline, tiny, "
                        "tiny-phase1")
-    train.add_argument("--steps", type=int, help="override training.steps")
+    train.add_argument("--steps", type=int, help="override training.steps (with --resume: extend the run)")
     train.add_argument("--out", help="run directory (default: runs/<timestamp>)")
     train.add_argument("--set", action="append", metavar="KEY=VALUE",
                        help="override any field, e.g. --set model.d_model=128 (repeatable)")
+    train.add_argument("--resume", metavar="RUN_DIR",
+                       help="continue a run from its newest intact checkpoint (bit-identical to no interruption)")
+    train.add_argument("--init-from", metavar="CKPT_DIR",
+                       help="start a new run from a checkpoint's model (a run, import-torch, convert-to-phase1); "
+                            "--set model.numerics=native switches an imported reference model to native numerics")
+    train.add_argument("--inject-fault", action="append", metavar="KIND@STEP",
+                       help="testing aid: inject nan-loss, inf-grad, oom or kill at step STEP (repeatable)")
     train.set_defaults(func=cmd_train)
 
     logits = sub.add_parser("logits", help="evaluate a checkpoint on token ids")
@@ -260,9 +306,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from .trainer import TrainingInterrupted
+
     try:
         return args.func(args)
-    except (ValueError, CheckpointError, NumericalInstabilityError) as err:  # our input and run errors
+    except TrainingInterrupted as err:
+        print(f"phase1-jax {args.command}: {err}", file=sys.stderr)
+        return err.exit_code
+    except (ValueError, CheckpointError, NumericalInstabilityError, VRAMExhaustedError) as err:  # input and run
         print(f"phase1-jax {args.command}: error: {err}", file=sys.stderr)
         return 2
 

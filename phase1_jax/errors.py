@@ -38,8 +38,8 @@ class VRAMExhaustedError(RuntimeError):
         self.current_mb = float(current_mb)
         self.limit_mb = float(limit_mb)
         self.suggestions = list(suggestions or [])
-        pct = 100.0 * self.current_mb / self.limit_mb if self.limit_mb > 0 else float("nan")
-        lines = [f"VRAM exhausted: {self.current_mb:.1f}MB / {self.limit_mb:.1f}MB", f"Usage: {pct:.1f}%"]
+        usage = f"{100.0 * self.current_mb / self.limit_mb:.1f}%" if self.limit_mb > 0 else "unknown"
+        lines = [f"VRAM exhausted: {self.current_mb:.1f}MB / {self.limit_mb:.1f}MB", f"Usage: {usage}"]
         if self.suggestions:
             lines.append("Suggestions to reduce memory usage:")
             lines += [f"  {i}. {s}" for i, s in enumerate(self.suggestions, 1)]
