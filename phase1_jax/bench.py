@@ -145,6 +145,11 @@ def _measured_peak() -> int | None:
     return stats.get("peak_bytes_in_use")
 
 
+def device_memory_limit() -> int | None:
+    """Bytes the device's allocator may use (None where the backend does not say, e.g. a CPU)."""
+    return (jax.devices()[0].memory_stats() or {}).get("bytes_limit")
+
+
 def _is_oom(err: BaseException) -> bool:
     text = str(err)
     return "RESOURCE_EXHAUSTED" in text or "Out of memory" in text or "out of memory" in text
@@ -289,7 +294,7 @@ def throughput(shape: Shape, rows: list[Row], rounds: int, steps_per_round: int)
     # Compilation is host work: the rows compile side by side (XLA releases the GIL).
     with concurrent.futures.ThreadPoolExecutor(max_workers=min(4, len(built))) as pool:
         list(pool.map(compile_one, built))
-    limit = (jax.devices()[0].memory_stats() or {}).get("bytes_limit")
+    limit = device_memory_limit()
     too_big = [(e["row"].label, _peak_estimate(e["compiled"])) for e in built
                if limit and (_peak_estimate(e["compiled"]) or 0) > limit]
     if too_big:  # refuse before running a single step
@@ -683,11 +688,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     if "throughput" in parts:
         print(f"[throughput] {shape.label()}", flush=True)
+        # The rows first: they refuse a shape that does not fit before anything is timed.
         result["throughput"] = {"shape": dataclasses.asdict(shape), "shape_label": shape.label(),
-                                "micro": micro_benchmarks(shape, [p for p in presets if PRESETS[p].htt_enabled],
-                                                          micro_iters)}
+                                "rows": throughput(shape, rows, rounds, steps_per_round)}
         save()
-        result["throughput"]["rows"] = throughput(shape, rows, rounds, steps_per_round)
+        result["throughput"]["micro"] = micro_benchmarks(shape, [p for p in presets if PRESETS[p].htt_enabled],
+                                                         micro_iters)
         save()
     for part in parts:
         if part == "capped":

@@ -43,3 +43,14 @@ def test_bad_input_is_one_line_and_nothing_is_written(tmp_path, capsys, args, fr
     err = capsys.readouterr().err
     assert fragment in err and err.count("\n") == 1
     assert not out.exists()
+
+
+def test_a_shape_that_does_not_fit_the_device_is_refused_before_any_step(tmp_path, capsys, monkeypatch):
+    import phase1_jax.bench as bench
+
+    monkeypatch.setattr(bench, "device_memory_limit", lambda: 1024)  # a 1 KiB device
+    ran = []
+    monkeypatch.setattr(bench, "_chained_seconds", lambda *a, **k: ran.append(1) or 1.0)
+    assert main(["bench", "--smoke", "--presets", "8gb", "--parts", "throughput", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "does not fit the device's 0.0 GiB" in err and "8gb needs" in err and not ran
